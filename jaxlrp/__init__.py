@@ -1,0 +1,26 @@
+"""jaxlrp: Layer-wise Relevance Propagation as a JAX function transformation.
+
+    import jaxlrp
+    from jaxlrp import composites, rules
+
+    explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
+    relevance = explain(variables, x, target=None)      # shaped like x
+
+See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them.
+"""
+
+from jaxlrp import composites, rules
+from jaxlrp._table import LayerInfo, RuleTable
+from jaxlrp._transform import lrp, output_and_lrp, rule_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerInfo",
+    "RuleTable",
+    "composites",
+    "lrp",
+    "output_and_lrp",
+    "rule_table",
+    "rules",
+]

@@ -1,0 +1,209 @@
+"""Runs a relevance plan: the forward pass unchanged, each LRP step a `jax.custom_vjp`.
+
+The forward values are those of the original program, node by node. Each step's backward
+pass carries relevance instead of a gradient: a linear layer calls its rule, an elementwise
+region passes relevance through, a product of two activations splits it evenly. Parameters
+and the rule's hyperparameters enter each `custom_vjp` as ordinary (traced) arguments with a
+zero cotangent, so a new epsilon never recompiles, `vmap` over gammas works, and `jax.grad`
+of a function of the relevance reaches them through the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxlrp._layer import Layer
+from jaxlrp._plan import STRUCTURAL, LinearStep, PassStep, Plan, ProductStep, ScanStep, TapStep
+from jaxlrp._program import Atom, Const, Node, Value
+
+
+def _zero_cotangent(x):
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.zeros(jnp.shape(x), dtype)
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others) -> jax.Array:
+    """`forward(relevant, others)` whose VJP is `backward(relevant, others, R) -> relevant's R`.
+
+    `others` (parameters, the rule) travel as flat leaves, so that no zero-valued rule is ever
+    built (its constructor would reject, say, AlphaBeta(0, 0)).
+    """
+    leaves, treedef = jax.tree.flatten(others)
+
+    @jax.custom_vjp
+    def call(relevant, leaves):
+        return forward(relevant, treedef.unflatten(leaves))
+
+    def call_fwd(relevant, leaves):
+        return call(relevant, leaves), (relevant, leaves)
+
+    def call_bwd(residuals, relevance):
+        relevant, leaves = residuals
+        out = backward(relevant, treedef.unflatten(leaves), relevance)
+        out = tuple(r.astype(x.dtype) for r, x in zip(out, relevant))
+        return out, [_zero_cotangent(leaf) for leaf in leaves]
+
+    call.defvjp(call_fwd, call_bwd)
+    return call(relevant, leaves)
+
+
+def _read(env: dict, atom: Atom):
+    return atom.value if isinstance(atom, Const) else env[atom]
+
+
+def _evaluate(nodes: Sequence[Node], env: dict) -> None:
+    for node in nodes:
+        env.update(zip(node.outputs, node.bind(*(_read(env, a) for a in node.inputs))))
+
+
+def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None) -> list:
+    """Evaluates the plan's program on `args`; `rules` maps each LinearStep to its rule."""
+    program = plan.program
+    env: dict = dict(zip(program.inputs, args))
+    for node in program.nodes:
+        step = plan.steps.get(node)
+        if step is None:
+            if node not in plan.skipped:
+                _evaluate([node], env)
+        elif isinstance(step, LinearStep):
+            env[step.output] = _run_linear(step, rules[step], env)
+        elif isinstance(step, PassStep):
+            env[step.output] = _run_pass(step, env)
+        elif isinstance(step, ProductStep):
+            env[node.outputs[0]] = _run_product(step, env)
+        elif isinstance(step, TapStep):
+            (out,) = node.bind(*(_read(env, a) for a in node.inputs))
+            env[node.outputs[0]] = out if taps is None else out + taps[step.index]
+        elif isinstance(step, ScanStep):
+            env.update(zip(node.outputs, _run_scan(step, rules, env)))
+    return [_read(env, a) for a in program.outputs]
+
+
+def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
+    first, nodes = step.first, [step.first, *step.chain]
+    relevant_atoms = tuple(first.inputs[i] for i in step.relevant)
+    internal = {n.outputs[0] for n in nodes}
+    # Every value the layer reads besides its relevant inputs: weight, bias, statistics.
+    params: list[Value] = []
+    for a in (a for n in nodes for a in n.inputs):
+        if isinstance(a, Value) and a not in internal and a not in relevant_atoms and a not in params:
+            params.append(a)
+
+    def linear_map(local: dict, xs, weight=None):
+        given = dict(zip(step.relevant, xs))
+        args = [given[i] if i in given else _read(local, a) for i, a in enumerate(first.inputs)]
+        if weight is not None:
+            args[step.weight] = weight
+        return first.bind(*args)[0]
+
+    def forward(xs, others):
+        local = dict(zip(params, others["params"]))
+        local[first.outputs[0]] = linear_map(local, xs)
+        _evaluate(step.chain, local)
+        return local[step.output]
+
+    def backward(xs, others, relevance):
+        local = dict(zip(params, others["params"]))
+        layer = _layer(step, local, lambda inputs, w: _structural(step.chain, linear_map(local, inputs, w)))
+        return others["rule"](layer, xs, relevance)
+
+    relevant = tuple(_read(env, a) for a in relevant_atoms)
+    others = {"params": [env[a] for a in params], "rule": rule}
+    return relevance_call(forward, backward, relevant, others)
+
+
+def _structural(chain: Sequence[Node], y):
+    for node in chain:
+        if node.name in STRUCTURAL:
+            (y,) = node.bind(y)
+    return y
+
+
+def _layer(step: LinearStep, local: dict, linear: Callable) -> Layer:
+    """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`."""
+    scale = shift = None
+    y = step.first.outputs[0]
+    for node in step.chain:
+        if node.name in STRUCTURAL:  # applies to the scale and shift too
+            scale = None if scale is None else node.bind(jnp.broadcast_to(scale, y.shape))[0]
+            shift = None if shift is None else node.bind(jnp.broadcast_to(shift, y.shape))[0]
+        else:
+            scale, shift = _fold(node, y, scale, shift, local)
+        y = node.outputs[0]
+    weight = None if step.weight is None else _read(local, step.first.inputs[step.weight])
+    return Layer(linear, weight, scale, shift)
+
+
+def _fold(node: Node, y: Value, scale, shift, local: dict):
+    """`(scale, shift)` after one affine op `node` applied to `scale·L + shift`."""
+    one = 1.0 if scale is None else scale
+    zero = 0.0 if shift is None else shift
+    if node.name == "neg":
+        return -one, -zero
+    position = 0 if node.inputs[0] is y else 1
+    p = _read(local, node.inputs[1 - position])
+    if node.name == "add":
+        return scale, zero + p
+    if node.name == "sub":
+        return (scale, zero - p) if position == 0 else (-one, p - zero)
+    if node.name == "mul":
+        return one * p, None if shift is None else shift * p
+    if node.name == "div":
+        return one / p, None if shift is None else shift / p
+    raise AssertionError(node.name)
+
+
+def _run_pass(step: PassStep, env: dict) -> jax.Array:
+    def forward(xs, extras):
+        local = dict(zip(step.extras, extras))
+        local[step.source] = xs[0]
+        _evaluate(step.nodes, local)
+        return local[step.output]
+
+    def backward(xs, extras, relevance):
+        return (relevance,)
+
+    return relevance_call(forward, backward, (env[step.source],), [env[v] for v in step.extras])
+
+
+def _run_product(step: ProductStep, env: dict) -> jax.Array:
+    node = step.node
+
+    def forward(xs, _):
+        return node.bind(*xs)[0]
+
+    def backward(xs, _, relevance):
+        return tuple(_unbroadcast(relevance / 2, x.shape) for x in xs)
+
+    return relevance_call(forward, backward, tuple(_read(env, a) for a in node.inputs), ())
+
+
+def _unbroadcast(r, shape):
+    extra = r.ndim - len(shape)
+    r = r.sum(axis=tuple(range(extra))) if extra else r
+    axes = tuple(i for i, (a, b) in enumerate(zip(r.shape, shape)) if b == 1 and a != 1)
+    return r.sum(axis=axes, keepdims=True) if axes else r
+
+
+def _run_scan(step: ScanStep, rules: dict, env: dict) -> list:
+    node = step.node
+    params = node.params
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    args = [_read(env, a) for a in node.inputs]
+    consts, init, xs = args[:n_consts], args[n_consts : n_consts + n_carry], args[n_consts + n_carry :]
+
+    def body(carry, x):
+        outs = run(step.body, rules, [*consts, *carry, *x])
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(
+        body, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
+    )
+    return [*carry, *ys]

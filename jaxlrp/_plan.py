@@ -1,0 +1,304 @@
+"""From a flat program to a relevance plan: which nodes form which LRP layer.
+
+Values that depend on the explained input are *activations*; everything else (parameters,
+batch statistics, constants, what is computed from them) is computed as it is. Each node that
+touches an activation is classified, in execution order:
+
+* a `dot_general` or `conv_general_dilated` with one activation and one parameter operand
+  starts a weighted layer ("dense", "conv"); a `reduce_sum`, `reduce_window_sum` or an
+  add/sub of two different activations starts a fixed linear layer ("sum", "avg_pool").
+  The layer absorbs the chain that follows it while each value has a single use: elementwise
+  affine ops with a parameter operand (bias, BatchNorm in inference mode, division by a
+  constant) and reshapes between them. That is how BatchNorm gets merged into the layer
+  that feeds it, and a mean becomes one averaging layer.
+* an elementwise op whose activation operands all derive elementwise from one *source* joins
+  that source's elementwise region; every region value used outside its region becomes one
+  Pass step from the source (activation functions, a BatchNorm that no layer feeds, scaling
+  by a constant, `x * sigmoid(x)`).
+* the product of two different activations splits relevance evenly (a "product").
+* selections (max pooling, `max`, slicing, reshapes, concatenation, padding, gathers) keep
+  their gradient: relevance follows the selected values.
+* a gather of a parameter table by integer activations (an embedding lookup) is a *tap*:
+  relevance is read off its output.
+* `scan` gets a plan of its own for its body.
+Anything else that touches an activation is an error naming the primitive and module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from jaxlrp._program import Atom, Const, Node, Program, Value
+from jaxlrp._table import LayerInfo
+
+WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
+FIXED_PRIMITIVES = {"reduce_sum": "sum", "reduce_window_sum": "avg_pool"}
+AFFINE = frozenset("add sub mul div neg".split())
+STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
+GRADIENT = frozenset(
+    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice
+    dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
+    reduce_window_min argmax argmin copy copy_p convert_element_type reduce_precision split
+    sort cumsum cummax cummin squeeze stop_gradient optimization_barrier""".split()
+)
+TAPS = frozenset("gather dynamic_slice take".split())
+
+
+def is_float(atom: Atom) -> bool:
+    dtype = atom.dtype if isinstance(atom, Value) else jnp.result_type(atom.value)
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+@dataclasses.dataclass(eq=False)
+class LinearStep:
+    """A weighted or fixed linear layer: `first` node, then its absorbed `chain`."""
+
+    first: Node
+    chain: list[Node]
+    relevant: tuple[int, ...]  # positions in first.inputs that carry relevance
+    weight: int | None  # position of the parameter operand, None for fixed maps
+    info: LayerInfo
+
+    @property
+    def output(self) -> Value:
+        return (self.chain[-1] if self.chain else self.first).outputs[0]
+
+
+@dataclasses.dataclass(eq=False)
+class PassStep:
+    """An elementwise region from `source` to `output`: relevance passes unchanged."""
+
+    source: Value
+    nodes: list[Node]
+    output: Value
+    extras: list[Value]  # other values the region reads (parameters, masks)
+
+
+@dataclasses.dataclass(eq=False)
+class ProductStep:
+    node: Node
+
+
+@dataclasses.dataclass(eq=False)
+class TapStep:
+    node: Node
+    index: int
+
+
+@dataclasses.dataclass(eq=False)
+class ScanStep:
+    node: Node
+    body: Plan
+
+
+@dataclasses.dataclass(eq=False)
+class Plan:
+    program: Program
+    steps: dict[Node, object]  # step by the node at whose position it runs
+    skipped: set[Node]  # nodes computed inside a step
+    output_active: list[bool]
+
+    def linear_steps(self) -> list[LinearStep]:
+        """All linear layers in execution order, scan bodies included."""
+        out = []
+        for node in self.program.nodes:
+            step = self.steps.get(node)
+            if isinstance(step, LinearStep):
+                out.append(step)
+            elif isinstance(step, ScanStep):
+                out.extend(step.body.linear_steps())
+        return out
+
+    def taps(self) -> list[TapStep]:
+        return [s for s in self.steps.values() if isinstance(s, TapStep)]
+
+
+class UnsupportedOperation(ValueError):
+    pass
+
+
+Describe = Callable[[str], tuple[str, type | None]]
+
+
+def make_plan(program: Program, active: list[bool], describe: Describe) -> Plan:
+    return _Planner(program, describe).plan(active)
+
+
+class _Planner:
+    def __init__(self, program: Program, describe: Describe):
+        self.program = program
+        self.describe = describe
+        self.uses: dict[Value, list[Node | None]] = defaultdict(list)
+        for node in program.nodes:
+            for a in node.inputs:
+                if isinstance(a, Value):
+                    self.uses[a].append(node)
+        for a in program.outputs:
+            if isinstance(a, Value):
+                self.uses[a].append(None)
+        self.order = {node: i for i, node in enumerate(program.nodes)}
+
+    def is_active(self, atom: Atom) -> bool:
+        return isinstance(atom, Value) and atom in self.active
+
+    def plan(self, active: list[bool]) -> Plan:
+        self.active: set[Value] = {v for v, a in zip(self.program.inputs, active) if a}
+        self.source: dict[Value, Value] = {}
+        self.region: dict[Node, Value] = {}  # region node -> its source
+        self.steps: dict[Node, object] = {}
+        self.skipped: set[Node] = set()
+        self.absorbed: set[Node] = set()
+        for node in self.program.nodes:
+            if node not in self.absorbed:
+                self._classify(node)
+        self._add_pass_steps()
+        output_active = [self.is_active(a) for a in self.program.outputs]
+        return Plan(self.program, self.steps, self.skipped, output_active)
+
+    def src(self, value: Value) -> Value:
+        return self.source.get(value, value)
+
+    def _where(self, node: Node) -> str:
+        path, module = self.describe(node.scope)
+        where = f"module '{path or '<root>'}'"
+        return where + (f" ({module.__name__})" if module is not None else "")
+
+    def _classify(self, node: Node) -> None:
+        active_in = [i for i, a in enumerate(node.inputs) if self.is_active(a)]
+        if not active_in:
+            return
+        self.active.update(node.outputs)
+        relevant = tuple(i for i in active_in if is_float(node.inputs[i]))
+        out = node.outputs[0]
+        name = node.name
+        if not relevant:
+            if name in TAPS and is_float(out) and not self.is_active(node.inputs[0]):
+                taps = [s for s in self.steps.values() if isinstance(s, TapStep)]
+                self.steps[node] = TapStep(node, len(taps))
+            return
+        if name == "scan":
+            self._scan(node)
+            return
+        sources = {self.src(node.inputs[i]) for i in relevant}
+        same_shapes = all(node.inputs[i].shape == out.shape for i in relevant)
+        if name in WEIGHTED_PRIMITIVES and len(active_in) == 1:
+            weight = 1 - relevant[0]
+            self._linear(node, relevant, weight, WEIGHTED_PRIMITIVES[name])
+        elif name in FIXED_PRIMITIVES:
+            self._linear(node, relevant, None, FIXED_PRIMITIVES[name])
+        elif node.elementwise and len(sources) == 1 and same_shapes and is_float(out):
+            (source,) = sources
+            self.source[out] = source
+            self.region[node] = source
+        elif name in ("add", "sub") and len(relevant) == 2:
+            self._linear(node, relevant, None, "sum")
+        elif name == "mul" and len(relevant) == 2:
+            self.steps[node] = ProductStep(node)
+        elif name in GRADIENT or (node.elementwise and not is_float(out)):
+            return
+        else:
+            raise UnsupportedOperation(
+                f"jaxlrp does not know how relevance passes through `{name}` in {self._where(node)}. "
+                f"Supported between layers: elementwise activations, sums and means, residual adds, "
+                f"average and max pooling, products of two activations, reshapes, slicing, "
+                f"concatenation and padding."
+            )
+
+    def _linear(self, node: Node, relevant, weight, kind: str) -> None:
+        chain = self._absorb(node.outputs[0])
+        *inner, end = [node, *chain]
+        for n in chain:
+            self.active.update(n.outputs)
+        self.absorbed.update(chain)
+        self.skipped.update(inner)
+        path, module = self.describe(node.scope)
+        merged = []
+        for n in chain:
+            other, _ = self.describe(n.scope)
+            if other != path and other not in merged:
+                merged.append(other)
+        info = LayerInfo(
+            path=path,
+            module=module,
+            kind=kind,
+            merged=tuple(merged),
+            input_shapes=tuple(tuple(node.inputs[i].shape) for i in relevant),
+            output_shape=tuple(end.outputs[0].shape),
+        )
+        self.steps[end] = LinearStep(node, chain, tuple(relevant), weight, info)
+
+    def _absorb(self, value: Value) -> list[Node]:
+        """The single-use chain of affine ops (and reshapes between them) after a linear map."""
+        chain: list[Node] = []
+        while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
+            user = self.uses[value][0]
+            others = [a for a in user.inputs if a is not value]
+            if user.name in STRUCTURAL and len(user.inputs) == 1:
+                pass
+            elif (
+                user.name in AFFINE
+                and sum(a is value for a in user.inputs) == 1
+                and not any(self.is_active(a) for a in others)
+                and all(is_float(a) for a in others)
+                and user.outputs[0].shape == value.shape
+                and not (user.name == "div" and user.inputs[0] is not value)
+            ):
+                pass
+            else:
+                break
+            chain.append(user)
+            value = user.outputs[0]
+        while chain and chain[-1].name in STRUCTURAL:
+            chain.pop()
+        return chain
+
+    def _scan(self, node: Node) -> None:
+        params = node.params
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        flags = [self.is_active(a) for a in node.inputs]
+        body_program = node.body
+        while True:
+            body = _Planner(body_program, self.describe).plan(flags)
+            carry_out = body.output_active[:n_carry]
+            new = list(flags)
+            for i, a in enumerate(carry_out):
+                new[n_consts + i] = new[n_consts + i] or a
+            if new == flags:
+                break
+            flags = new
+        self.active.difference_update(node.outputs)
+        self.active.update(v for v, a in zip(node.outputs, body.output_active) if a)
+        self.steps[node] = ScanStep(node, body)
+
+    def _add_pass_steps(self) -> None:
+        for node, source in self.region.items():
+            out = node.outputs[0]
+            exposed = any(u is None or self.region.get(u) is not source for u in self.uses[out])
+            if exposed:
+                self.steps[node] = self._region_step(source, out)
+            else:
+                self.skipped.add(node)
+
+    def _region_step(self, source: Value, output: Value) -> PassStep:
+        members: set[Node] = set()
+        extras: list[Value] = []
+        producer = {v: n for n in self.program.nodes for v in n.outputs}
+        stack = [output]
+        seen = set()
+        while stack:
+            v = stack.pop()
+            if v in seen or v is source:
+                continue
+            seen.add(v)
+            n = producer.get(v)
+            if n is not None and self.region.get(n) is source:
+                members.add(n)
+                stack.extend(a for a in n.inputs if isinstance(a, Value))
+            elif v not in extras:
+                extras.append(v)
+        nodes = sorted(members, key=self.order.__getitem__)
+        return PassStep(source, nodes, output, extras)

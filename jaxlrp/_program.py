@@ -1,0 +1,143 @@
+"""A flat, inlined view of a traced JAX function.
+
+`jax.make_jaxpr` gives nested jaxprs: `jit`, `custom_jvp_call`, `custom_vjp_call` and
+`remat` wrap sub-jaxprs that hide the layers inside them. LRP needs to see through them, so
+this module inlines every call into one flat list of `Node`s over fresh `Value`s, keeping
+each node's name stack (which carries the module markers of the bindings). Two kinds of call
+stay whole: elementwise functions (an activation such as `nn.relu` is one node, so it gets
+one rule) and `scan`, whose body becomes a nested `Program`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax._src import core
+
+# Primitives that act element by element: output element i depends on input element i only.
+ELEMENTWISE = frozenset(
+    """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
+    copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag
+    integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or
+    pow real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh
+    xor""".split()
+)
+
+# Calls whose body is inlined (or, when elementwise, kept as one node).
+CALLS = frozenset(
+    "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
+    "remat2 checkpoint".split()
+)
+
+
+@dataclasses.dataclass(eq=False)
+class Value:
+    """A value of the program: an input or the output of one node."""
+
+    aval: Any
+
+    @property
+    def shape(self):
+        return self.aval.shape
+
+    @property
+    def dtype(self):
+        return self.aval.dtype
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Const:
+    """A literal or a constant captured by the trace."""
+
+    value: Any
+
+
+Atom = Value | Const
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    primitive: Any
+    params: dict
+    inputs: tuple[Atom, ...]
+    outputs: tuple[Value, ...]
+    scope: str
+    elementwise: bool = False
+    body: Program | None = None  # for scan
+
+    @property
+    def name(self) -> str:
+        return self.primitive.name
+
+    def bind(self, *args):
+        """Runs the primitive on concrete or traced arguments; returns a list of outputs."""
+        out = self.primitive.bind(*args, **self.primitive.get_bind_params(self.params))
+        return list(out) if self.primitive.multiple_results else [out]
+
+
+@dataclasses.dataclass(eq=False)
+class Program:
+    inputs: list[Value]
+    outputs: list[Atom]
+    nodes: list[Node]
+
+
+def _sub_jaxpr(eqn) -> tuple[core.Jaxpr, list]:
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(inner, core.ClosedJaxpr):
+        return inner.jaxpr, list(inner.consts)
+    return inner, []
+
+
+def _is_elementwise_jaxpr(jaxpr: core.Jaxpr) -> bool:
+    if not jaxpr.outvars:
+        return False
+    out_shape = jaxpr.outvars[0].aval.shape
+    shapes = {getattr(v.aval, "shape", ()) for v in (*jaxpr.invars, *jaxpr.outvars)}
+    return shapes <= {(), out_shape} and all(_is_elementwise_eqn(e) for e in jaxpr.eqns)
+
+
+def _is_elementwise_eqn(eqn) -> bool:
+    name = eqn.primitive.name
+    if name in ELEMENTWISE:
+        return True
+    if name in CALLS:
+        return _is_elementwise_jaxpr(_sub_jaxpr(eqn)[0])
+    return False
+
+
+def _join(outer: str, inner: str) -> str:
+    return "/".join(s for s in (outer, inner) if s)
+
+
+def from_closed_jaxpr(closed: core.ClosedJaxpr) -> Program:
+    inputs = [Value(v.aval) for v in closed.jaxpr.invars]
+    nodes: list[Node] = []
+    consts = [Const(c) for c in closed.consts]
+    outputs = _inline(closed.jaxpr, consts, inputs, nodes, "")
+    return Program(inputs, outputs, nodes)
+
+
+def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> list[Atom]:
+    env: dict[Any, Atom] = {}
+
+    def read(v) -> Atom:
+        return Const(v.val) if isinstance(v, core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        ins = tuple(read(v) for v in eqn.invars)
+        eqn_scope = _join(scope, str(eqn.source_info.name_stack))
+        name = eqn.primitive.name
+        if name in CALLS and not _is_elementwise_eqn(eqn):
+            inner, inner_consts = _sub_jaxpr(eqn)
+            outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
+        else:
+            body = from_closed_jaxpr(eqn.params["jaxpr"]) if name == "scan" else None
+            outs = tuple(Value(v.aval) for v in eqn.outvars)
+            elementwise = _is_elementwise_eqn(eqn)
+            nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body))
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]

@@ -1,0 +1,64 @@
+"""What a composite sees of a layer, and the printable table of resolved rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Layer kinds. Weighted layers are "dense" (dot_general with one parameter operand) and "conv"
+# (conv_general_dilated, transposed convolutions included). Fixed linear maps are "sum" (a
+# residual add of two activations, `jnp.sum`, `jnp.mean`) and "avg_pool" (`nn.avg_pool`).
+# "activation" is an elementwise function of one activation; "product" the elementwise
+# product of two.
+WEIGHTED = ("dense", "conv")
+FIXED = ("sum", "avg_pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One layer as the composites see it.
+
+    Attributes:
+      path: the `/`-joined module path (Linen), attribute path (NNX) or `jax.named_scope`
+        path (plain functions) of the module that holds the layer.
+      module: the module's class, or `None` for a plain function.
+      kind: one of "dense", "conv", "sum", "avg_pool", "activation", "product".
+      merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
+        division) that belong to other modules.
+      input_shapes: the shapes of the layer's relevance-carrying inputs.
+      output_shape: the shape of its output.
+    """
+
+    path: str
+    module: type | None
+    kind: str
+    merged: tuple[str, ...] = ()
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    output_shape: tuple[int, ...] = ()
+
+    @property
+    def type_name(self) -> str:
+        if self.module is None:
+            return self.kind
+        return f"{self.module.__module__.split('.')[0]}.{self.module.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleTable:
+    """The resolved table `layer -> rule`, in execution order. `print` it before trusting a map."""
+
+    layers: tuple[LayerInfo, ...]
+    rules: tuple
+
+    def __str__(self) -> str:
+        header = ("#", "path", "type", "kind", "rule", "merged")
+        rows = [
+            (str(i), info.path or "<root>", info.type_name, info.kind, repr(rule), ", ".join(info.merged))
+            for i, (info, rule) in enumerate(zip(self.layers, self.rules))
+        ]
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __len__(self) -> int:
+        return len(self.layers)

@@ -1,0 +1,211 @@
+"""Composites: which rule each layer gets.
+
+A composite maps the model's layers (in execution order, see `jaxlrp.rule_table`) to rules:
+
+* `LayerMap({key: rule}, first=...)` by layer type. A key is a layer kind (`"dense"`,
+  `"conv"`, `"sum"`, `"avg_pool"`), a module class (`nn.Dense`, `nn.Conv`, matched with
+  `issubclass` on the innermost module that holds a dense or conv layer), or a tuple of keys.
+  `first` is the rule for the first dense or conv layer in execution order, or a mapping
+  `{key: rule}` for the first layer matching any of its keys (zennit's first-layer map).
+* `NameMap({pattern: rule})`: fnmatch patterns on the `/`-joined module path.
+* `combine(a, b, ...)`: the first composite with a rule for a layer wins.
+
+What no composite covers gets the defaults: activations Pass, sums, means, average pooling and
+residual adds Norm, max pooling its gradient; a dense or conv layer with no rule is an error.
+Composites are pytrees whose leaves are their rules' hyperparameters.
+
+The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGeneral`,
+`nn.Einsum`; conv means `nn.Conv` of any rank and `nn.ConvTranspose`):
+
+| composite                 | conv            | dense    | first layer            |
+|---------------------------|-----------------|----------|------------------------|
+| `EpsilonPlus`             | ZPlus           | Epsilon  |                        |
+| `EpsilonPlusFlat`         | ZPlus           | Epsilon  | Flat (first dense/conv)|
+| `EpsilonAlpha2Beta1`      | AlphaBeta(2, 1) | Epsilon  |                        |
+| `EpsilonAlpha2Beta1Flat`  | AlphaBeta(2, 1) | Epsilon  | Flat (first dense/conv)|
+| `EpsilonGammaBox`         | Gamma           | Epsilon  | ZBox (first conv)      |
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from jaxlrp import rules as _rules
+from jaxlrp._table import WEIGHTED, LayerInfo
+
+__all__ = [
+    "Composite",
+    "LayerMap",
+    "NameMap",
+    "combine",
+    "EpsilonPlus",
+    "EpsilonPlusFlat",
+    "EpsilonAlpha2Beta1",
+    "EpsilonAlpha2Beta1Flat",
+    "EpsilonGammaBox",
+]
+
+Rule = _rules.Rule
+
+
+class Composite:
+    """Base class: `composite.rules(layers)` gives a rule, or None, for each layer."""
+
+    def rules(self, layers: Sequence[LayerInfo]) -> list[Rule | None]:
+        raise NotImplementedError
+
+
+def _matches(key, info: LayerInfo) -> bool:
+    if isinstance(key, tuple):
+        return any(_matches(k, info) for k in key)
+    if isinstance(key, str):
+        return info.kind == key
+    if isinstance(key, type):
+        return info.kind in WEIGHTED and info.module is not None and issubclass(info.module, key)
+    raise TypeError(f"LayerMap keys are layer kinds (str), module classes or tuples of them; got {key!r}.")
+
+
+def _key_name(key) -> str:
+    if isinstance(key, tuple):
+        return "(" + ", ".join(_key_name(k) for k in key) + ")"
+    return key if isinstance(key, str) else key.__name__
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerMap(Composite):
+    """Rules by layer kind or module class; `first` overrides the first matching layer."""
+
+    def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None):
+        self.mapping = dict(mapping)
+        if isinstance(first, Rule):
+            first = {WEIGHTED: first}
+        self.first = None if first is None else dict(first)
+        for key in [*self.mapping, *(self.first or {})]:
+            _matches(key, LayerInfo("", None, ""))  # validates the key
+        for rule in [*self.mapping.values(), *(self.first or {}).values()]:
+            if not isinstance(rule, Rule) and rule is not None:
+                raise TypeError(f"LayerMap values must be jaxlrp.rules.Rule instances, got {rule!r}.")
+
+    def rules(self, layers):
+        out = [next((r for k, r in self.mapping.items() if _matches(k, info)), None) for info in layers]
+        if self.first:
+            for i, info in enumerate(layers):
+                rule = next((r for k, r in self.first.items() if _matches(k, info)), None)
+                if rule is not None:
+                    out[i] = rule
+                    break
+        return out
+
+    def tree_flatten(self):
+        first = self.first or {}
+        children = (tuple(self.mapping.values()), tuple(first.values()))
+        return children, (tuple(self.mapping), tuple(first), self.first is not None)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        keys, first_keys, has_first = aux
+        obj = object.__new__(cls)
+        obj.mapping = dict(zip(keys, children[0]))
+        obj.first = dict(zip(first_keys, children[1])) if has_first else None
+        return obj
+
+    def __repr__(self):
+        items = ", ".join(f"{_key_name(k)}: {r!r}" for k, r in self.mapping.items())
+        first = "" if self.first is None else ", first={" + ", ".join(
+            f"{_key_name(k)}: {r!r}" for k, r in self.first.items()) + "}"
+        return f"LayerMap({{{items}}}{first})"
+
+
+@jax.tree_util.register_pytree_node_class
+class NameMap(Composite):
+    """Rules by module path: `{fnmatch pattern on the '/'-joined path: rule}`, first match wins."""
+
+    def __init__(self, mapping: Mapping[str, Rule]):
+        self.mapping = dict(mapping)
+
+    def rules(self, layers):
+        return [
+            next((r for p, r in self.mapping.items() if fnmatch.fnmatchcase(info.path, p)), None)
+            for info in layers
+        ]
+
+    def tree_flatten(self):
+        return (tuple(self.mapping.values()),), tuple(self.mapping)
+
+    @classmethod
+    def tree_unflatten(cls, keys, children):
+        return cls(dict(zip(keys, children[0])))
+
+    def __repr__(self):
+        return f"NameMap({self.mapping!r})"
+
+
+@jax.tree_util.register_pytree_node_class
+class Combined(Composite):
+    """Several composites; for each layer, the first that has a rule for it wins."""
+
+    def __init__(self, composites: Sequence[Composite]):
+        self.composites = tuple(composites)
+
+    def rules(self, layers):
+        out: list = [None] * len(layers)
+        for composite in self.composites:
+            for i, rule in enumerate(composite.rules(layers)):
+                if out[i] is None:
+                    out[i] = rule
+        return out
+
+    def tree_flatten(self):
+        return (self.composites,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(children[0])
+
+    def __repr__(self):
+        return "combine(" + ", ".join(map(repr, self.composites)) + ")"
+
+
+def combine(*composites: Composite) -> Combined:
+    """Combines composites: for each layer, the first composite with a rule for it wins."""
+    return Combined(composites)
+
+
+def EpsilonPlus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
+    """Conv: ZPlus; dense: Epsilon (zennit's `EpsilonPlus`)."""
+    return LayerMap({"conv": _rules.ZPlus(stabilizer), "dense": _rules.Epsilon(epsilon)})
+
+
+def EpsilonPlusFlat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
+    """Conv: ZPlus; dense: Epsilon; the first dense/conv layer: Flat (zennit's `EpsilonPlusFlat`)."""
+    return LayerMap(
+        {"conv": _rules.ZPlus(stabilizer), "dense": _rules.Epsilon(epsilon)},
+        first=_rules.Flat(stabilizer),
+    )
+
+
+def EpsilonAlpha2Beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
+    """Conv: AlphaBeta(2, 1); dense: Epsilon (zennit's `EpsilonAlpha2Beta1`)."""
+    return LayerMap({"conv": _rules.AlphaBeta(2.0, 1.0, stabilizer), "dense": _rules.Epsilon(epsilon)})
+
+
+def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
+    """Conv: AlphaBeta(2, 1); dense: Epsilon; the first dense/conv layer: Flat."""
+    return LayerMap(
+        {"conv": _rules.AlphaBeta(2.0, 1.0, stabilizer), "dense": _rules.Epsilon(epsilon)},
+        first=_rules.Flat(stabilizer),
+    )
+
+
+def EpsilonGammaBox(
+    low=-3.0, high=3.0, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6
+) -> LayerMap:
+    """Conv: Gamma(γ); dense: Epsilon; the first conv layer: ZBox(low, high) (zennit's
+    `EpsilonGammaBox`). `low`/`high` bound the input, e.g. the normalized pixel range."""
+    return LayerMap(
+        {"conv": _rules.Gamma(gamma, stabilizer), "dense": _rules.Epsilon(epsilon)},
+        first={"conv": _rules.ZBox(low, high, stabilizer)},
+    )

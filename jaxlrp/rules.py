@@ -1,0 +1,320 @@
+"""LRP rules: how one layer splits the relevance of its outputs among its inputs.
+
+Every rule is a frozen dataclass registered as a pytree whose fields (epsilon, gamma, alpha,
+beta, box bounds) are leaves, so rules pass through `jax.jit`, `jax.vmap` and `jax.grad` like
+any array argument. A rule is called in the backward pass as
+
+    rule(layer, inputs, relevance) -> relevance of each input
+
+where `layer` (see `jaxlrp._layer.Layer`) is `z = x·W' + b'` with BatchNorm and the like
+already merged. The same code serves every linear layer: dense, convolutions of any rank,
+stride, padding, dilation and groups, transposed convolutions, sums and pooling windows,
+because a rule only ever applies the layer's linear map and its transpose (the VJP).
+
+Notation (as in DESIGN.md and zennit 0.5.1): `x⁺ = max(x, 0)`, `x⁻ = min(x, 0)`, likewise for
+`W` and `b`; `stab(z) = z + ((z == 0) + sign(z))·ε`; `s = R / stab(z)`; `s·W` is the VJP of
+the linear map. A zero denominator (only possible with ε = 0) gives zero, never NaN.
+
+References:
+  [Bach2015] S. Bach, A. Binder, G. Montavon, F. Klauschen, K.-R. Müller, W. Samek. On
+    pixel-wise explanations for non-linear classifier decisions by layer-wise relevance
+    propagation. PLoS ONE 10(7), 2015.
+  [Montavon2017] G. Montavon, S. Lapuschkin, A. Binder, W. Samek, K.-R. Müller. Explaining
+    nonlinear classification decisions with deep Taylor decomposition. Pattern Recognition 65, 2017.
+  [Montavon2019] G. Montavon, A. Binder, S. Lapuschkin, W. Samek, K.-R. Müller. Layer-wise
+    relevance propagation: an overview. In Explainable AI, LNCS 11700, Springer, 2019.
+  [Lapuschkin2019] S. Lapuschkin, S. Wäldchen, A. Binder, G. Montavon, W. Samek, K.-R. Müller.
+    Unmasking Clever Hans predictors and assessing what machines really learn. Nature
+    Communications 10, 2019.
+  [Anders2021] C. J. Anders, D. Neumann, W. Samek, K.-R. Müller, S. Lapuschkin. Software for
+    dataset-wide XAI: from local explanations to global insights with Zennit, CoRelAy, and
+    ViRelAy. arXiv:2106.13200, 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlrp._layer import Inputs, Layer
+
+__all__ = [
+    "Rule",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Norm",
+    "Pass",
+    "stabilize",
+]
+
+
+def _rule(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+def stabilize(z: jax.Array, epsilon) -> jax.Array:
+    """`z + ((z == 0) + sign(z))·ε`: moves `z` away from zero by `ε`, zero counting as positive."""
+    epsilon = jnp.asarray(epsilon, z.dtype)
+    return z + ((z == 0).astype(z.dtype) + jnp.sign(z)) * epsilon
+
+
+def _divide(relevance, denominator):
+    """`relevance / denominator`, zero where the denominator is zero (no NaN, even under grad)."""
+    zero = denominator == 0
+    return jnp.where(zero, 0, relevance / jnp.where(zero, 1, denominator))
+
+
+def _pos(t):
+    return jax.tree.map(lambda v: jnp.maximum(v, 0), t)
+
+
+def _neg(t):
+    return jax.tree.map(lambda v: jnp.minimum(v, 0), t)
+
+
+def _mul(a, b):
+    return jax.tree.map(jnp.multiply, a, b)
+
+
+def _add(*ts):
+    return jax.tree.map(lambda *v: sum(v[1:], v[0]), *ts)
+
+
+def _sub(a, b):
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def _scale(c, t):
+    return jax.tree.map(lambda v: jnp.asarray(c, v.dtype) * v, t)
+
+
+def _linearize(fn, inputs: Inputs):
+    """`(fn(inputs), s ↦ s·W)`: the output of a linear map and its transpose."""
+    z, vjp = jax.vjp(fn, inputs)
+    return z, lambda s: vjp(s)[0]
+
+
+def _ones(inputs: Inputs) -> Inputs:
+    return jax.tree.map(jnp.ones_like, inputs)
+
+
+def _concrete(value) -> np.ndarray | None:
+    """The value as a NumPy array, or None when it is traced (and so cannot be checked here)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+
+
+class Rule:
+    """Base class of the rules: `rule(layer, inputs, relevance) -> input relevance`."""
+
+    def __call__(self, layer: Layer, inputs: Inputs, relevance: jax.Array) -> Inputs:
+        raise NotImplementedError
+
+
+@_rule
+class Epsilon(Rule):
+    """LRP-ε [Bach2015]: `z = x·W' + b'`, `R_in = x ⊙ (s·W')` with `s = R / stab(z, ε)`.
+
+    ε absorbs weak or contradictory contributions; ε → 0 gives LRP-0 (gradient × input).
+    Default ε = 1e-6 (zennit). Example::
+
+        composites.LayerMap({"dense": rules.Epsilon(epsilon=0.25)})
+    """
+
+    epsilon: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        z, back = _linearize(layer.forward, inputs)
+        s = _divide(relevance, stabilize(z + layer.bias, self.epsilon))
+        return _mul(inputs, back(s))
+
+
+@_rule
+class ZPlus(Rule):
+    """z⁺ rule [Montavon2017]: only contributions that raise the output.
+
+    `z = x⁺·W'⁺ + x⁻·W'⁻ + b'⁺`, `R_in = x⁺ ⊙ (s·W'⁺) + x⁻ ⊙ (s·W'⁻)`, `s = R / stab(z)`.
+    Equals AlphaBeta(1, 0). Default stabilizer 1e-6.
+    """
+
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        xp, xn = _pos(inputs), _neg(inputs)
+        zp, back_p = _linearize(layer.positive, xp)
+        zn, back_n = _linearize(layer.negative, xn)
+        s = _divide(relevance, stabilize(zp + zn + jnp.maximum(layer.bias, 0), self.stabilizer))
+        return _add(_mul(xp, back_p(s)), _mul(xn, back_n(s)))
+
+
+@_rule
+class AlphaBeta(Rule):
+    """LRP-αβ [Bach2015]: positive and negative contributions weighted by α and β.
+
+    `z_α = x⁺·W'⁺ + x⁻·W'⁻ + b'⁺`, `z_β = x⁺·W'⁻ + x⁻·W'⁺ + b'⁻`, `s_α = R / stab(z_α)`,
+    `s_β = R / stab(z_β)`;
+    `R_in = α[x⁺ ⊙ (s_α·W'⁺) + x⁻ ⊙ (s_α·W'⁻)] − β[x⁺ ⊙ (s_β·W'⁻) + x⁻ ⊙ (s_β·W'⁺)]`.
+    Requires α − β = 1 and α, β ≥ 0 (checked here for concrete values). Default α=2, β=1.
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+
+    def __post_init__(self):
+        alpha, beta = _concrete(self.alpha), _concrete(self.beta)
+        if alpha is None or beta is None:
+            return
+        if np.any(alpha < 0) or np.any(beta < 0):
+            raise ValueError(f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}.")
+        if not np.allclose(alpha - beta, 1.0, rtol=0, atol=1e-12):
+            raise ValueError(
+                f"AlphaBeta needs alpha - beta == 1 so that relevance is conserved, got "
+                f"alpha={self.alpha}, beta={self.beta}; e.g. AlphaBeta(alpha=2., beta=1.)."
+            )
+
+    def __call__(self, layer, inputs, relevance):
+        xp, xn = _pos(inputs), _neg(inputs)
+        z_pp, back_pp = _linearize(layer.positive, xp)
+        z_nn, back_nn = _linearize(layer.negative, xn)
+        z_pn, back_pn = _linearize(layer.negative, xp)
+        z_np, back_np = _linearize(layer.positive, xn)
+        bias = layer.bias
+        s_a = _divide(relevance, stabilize(z_pp + z_nn + jnp.maximum(bias, 0), self.stabilizer))
+        s_b = _divide(relevance, stabilize(z_pn + z_np + jnp.minimum(bias, 0), self.stabilizer))
+        r_alpha = _add(_mul(xp, back_pp(s_a)), _mul(xn, back_nn(s_a)))
+        r_beta = _add(_mul(xp, back_pn(s_b)), _mul(xn, back_np(s_b)))
+        return _sub(_scale(self.alpha, r_alpha), _scale(self.beta, r_beta))
+
+
+@_rule
+class Gamma(Rule):
+    """LRP-γ [Montavon2019]: favours positive contributions by γ, sign-aware.
+
+    `W_p = W' + γW'⁺`, `W_n = W' + γW'⁻`, `b_p = b' + γb'⁺`, `b_n = b' + γb'⁻`; with `z` the
+    layer's output, `s⁺ = R·[z > 0] / stab(x⁺·W_p + x⁻·W_n + b_p)`,
+    `s⁻ = R·[z < 0] / stab(x⁺·W_n + x⁻·W_p + b_n)`;
+    `R_in = x⁺ ⊙ (s⁺·W_p + s⁻·W_n) + x⁻ ⊙ (s⁺·W_n + s⁻·W_p)`. Default γ = 0.25.
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        gamma = self.gamma
+
+        def w_p(x):
+            return layer.forward(x) + gamma * layer.positive(x)
+
+        def w_n(x):
+            return layer.forward(x) + gamma * layer.negative(x)
+
+        bias = layer.bias
+        b_p = bias + gamma * jnp.maximum(bias, 0)
+        b_n = bias + gamma * jnp.minimum(bias, 0)
+        xp, xn = _pos(inputs), _neg(inputs)
+        z = layer.forward(inputs) + bias
+        zp_p, back_pp = _linearize(w_p, xp)
+        zn_n, back_nn = _linearize(w_n, xn)
+        zp_n, back_pn = _linearize(w_n, xp)
+        zn_p, back_np = _linearize(w_p, xn)
+        s_up = _divide(relevance * (z > 0), stabilize(zp_p + zn_n + b_p, self.stabilizer))
+        s_down = _divide(relevance * (z < 0), stabilize(zp_n + zn_p + b_n, self.stabilizer))
+        return _add(
+            _mul(xp, back_pp(s_up)),
+            _mul(xn, back_nn(s_up)),
+            _mul(xp, back_pn(s_down)),
+            _mul(xn, back_np(s_down)),
+        )
+
+
+@_rule
+class ZBox(Rule):
+    """z^B rule [Montavon2017] for inputs bounded by `low ≤ x ≤ high` (e.g. pixels).
+
+    `z = x·W' − l·W'⁺ − h·W'⁻` (biases cancel), `s = R / stab(z)`,
+    `R_in = x ⊙ (s·W') − l ⊙ (s·W'⁺) − h ⊙ (s·W'⁻)`. `low` and `high` are scalars or arrays
+    broadcastable to the layer's input.
+    """
+
+    low: jax.Array | float
+    high: jax.Array | float
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        low = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape), inputs)
+        high = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape), inputs)
+        z_x, back_x = _linearize(layer.forward, inputs)
+        z_l, back_l = _linearize(layer.positive, low)
+        z_h, back_h = _linearize(layer.negative, high)
+        s = _divide(relevance, stabilize(z_x - z_l - z_h, self.stabilizer))
+        return _sub(_sub(_mul(inputs, back_x(s)), _mul(low, back_l(s))), _mul(high, back_h(s)))
+
+
+@_rule
+class WSquare(Rule):
+    """w² rule [Montavon2017]: relevance by squared weights, independent of the input.
+
+    `z = 1·W'² + b'²`, `R_in = s·W'²` (not multiplied by x), `s = R / stab(z)`.
+    """
+
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        z, back = _linearize(layer.squared, _ones(inputs))
+        s = _divide(relevance, stabilize(z + jnp.square(layer.bias), self.stabilizer))
+        return back(s)
+
+
+@_rule
+class Flat(Rule):
+    """Flat rule [Lapuschkin2019]: relevance spread evenly over each output's receptive field.
+
+    All weights one, no bias: `z = 1·1` (the fan-in, padding-aware), `R_in = s·1`.
+    """
+
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        z, back = _linearize(layer.ones, _ones(inputs))
+        return back(_divide(relevance, stabilize(z, self.stabilizer)))
+
+
+@_rule
+class Norm(Rule):
+    """Normalize by the output [Anders2021]: each input's share of the layer's own output.
+
+    `z = f(x)` with the layer's fixed weights, `R_in = x ⊙ VJP(R / stab(z))`. The default for
+    sums, means, average pooling and residual adds (zennit's `Norm`).
+    """
+
+    stabilizer: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        return Epsilon(self.stabilizer)(layer, inputs, relevance)
+
+
+@_rule
+class Pass(Rule):
+    """Pass the relevance on unchanged: `R_in = R_out`. For activations and layers whose input
+    and output have the same shape."""
+
+    def __call__(self, layer, inputs, relevance):
+        if len(inputs) != 1 or inputs[0].shape != relevance.shape:
+            raise ValueError(
+                f"Pass needs one input shaped like the output {relevance.shape}, "
+                f"got inputs shaped {[x.shape for x in inputs]}."
+            )
+        return (relevance.astype(inputs[0].dtype),)
