@@ -146,7 +146,7 @@ class _Planner:
         return isinstance(atom, Value) and atom in self.active
 
     def plan(self, active: list[bool]) -> Plan:
-        self.active: set[Value] = {v for v, a in zip(self.program.inputs, active) if a}
+        self.active = self._activity(active)
         self.source: dict[Value, Value] = {}
         self.region: dict[Node, Value] = {}  # region node -> its source
         self.steps: dict[Node, object] = {}
@@ -156,8 +156,36 @@ class _Planner:
             if node not in self.absorbed:
                 self._classify(node)
         self._add_pass_steps()
-        output_active = [self.is_active(a) for a in self.program.outputs]
-        return Plan(self.program, self.steps, self.skipped, output_active)
+        return Plan(self.program, self.steps, self.skipped, self.output_active())
+
+    def output_active(self) -> list[bool]:
+        return [self.is_active(a) for a in self.program.outputs]
+
+    def _activity(self, active: list[bool]) -> set[Value]:
+        """The values that depend on the active inputs."""
+        self.active = {v for v, a in zip(self.program.inputs, active) if a}
+        for node in self.program.nodes:
+            if node.name == "scan":
+                flags = self._scan_flags(node)
+                body = _Planner(node.body, self.describe)
+                body.active = body._activity(flags)
+                self.active.update(v for v, a in zip(node.outputs, body.output_active()) if a)
+            elif any(self.is_active(a) for a in node.inputs):
+                self.active.update(node.outputs)
+        return self.active
+
+    def _scan_flags(self, node: Node) -> list[bool]:
+        """Which scan body inputs are active: consts and xs as given, the carry to a fixed point."""
+        n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
+        flags = [self.is_active(a) for a in node.inputs]
+        while True:
+            body = _Planner(node.body, self.describe)
+            body.active = body._activity(flags)
+            carry_out = body.output_active()[:n_carry]
+            new = [f or (n_consts <= i < n_consts + n_carry and carry_out[i - n_consts]) for i, f in enumerate(flags)]
+            if new == flags:
+                return flags
+            flags = new
 
     def src(self, value: Value) -> Value:
         return self.source.get(value, value)
@@ -171,7 +199,6 @@ class _Planner:
         active_in = [i for i, a in enumerate(node.inputs) if self.is_active(a)]
         if not active_in:
             return
-        self.active.update(node.outputs)
         relevant = tuple(i for i in active_in if is_float(node.inputs[i]))
         out = node.outputs[0]
         name = node.name
@@ -211,8 +238,6 @@ class _Planner:
     def _linear(self, node: Node, relevant, weight, kind: str) -> None:
         chain = self._absorb(node.outputs[0])
         *inner, end = [node, *chain]
-        for n in chain:
-            self.active.update(n.outputs)
         self.absorbed.update(chain)
         self.skipped.update(inner)
         path, module = self.describe(node.scope)
@@ -257,21 +282,7 @@ class _Planner:
         return chain
 
     def _scan(self, node: Node) -> None:
-        params = node.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
-        flags = [self.is_active(a) for a in node.inputs]
-        body_program = node.body
-        while True:
-            body = _Planner(body_program, self.describe).plan(flags)
-            carry_out = body.output_active[:n_carry]
-            new = list(flags)
-            for i, a in enumerate(carry_out):
-                new[n_consts + i] = new[n_consts + i] or a
-            if new == flags:
-                break
-            flags = new
-        self.active.difference_update(node.outputs)
-        self.active.update(v for v, a in zip(node.outputs, body.output_active) if a)
+        body = _Planner(node.body, self.describe).plan(self._scan_flags(node))
         self.steps[node] = ScanStep(node, body)
 
     def _add_pass_steps(self) -> None:

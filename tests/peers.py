@@ -1,0 +1,41 @@
+"""Imports of the peer libraries (torch, zennit) for the parity tests.
+
+zennit 0.5.1 imports torchvision at import time, only to name the ResNet blocks that its
+torchvision canonizers rewrite. The parity tests use none of those canonizers, so when
+torchvision is absent we register the smallest honest stand-in: a `torchvision.models.resnet`
+module whose `BasicBlock` and `Bottleneck` are empty `torch.nn.Module` subclasses.
+
+Where torch or zennit is missing the parity tests are skipped, except when the environment
+sets JAXLRP_REQUIRE_PEERS=1 (CI does): then the skip becomes a failure.
+"""
+
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+
+
+def require(name: str):
+    """Imports `name`, or skips (fails under JAXLRP_REQUIRE_PEERS=1) when it is missing."""
+    if importlib.util.find_spec(name) is None:
+        message = f"{name} is not installed; install the test extra: pip install -e '.[test]'"
+        if os.environ.get("JAXLRP_REQUIRE_PEERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return importlib.import_module(name)
+
+
+def zennit():
+    torch = require("torch")
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        resnet = types.ModuleType("torchvision.models.resnet")
+        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
+        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
+        models = types.ModuleType("torchvision.models")
+        models.resnet = resnet
+        stand_in = types.ModuleType("torchvision")
+        stand_in.models = models
+        sys.modules.update({"torchvision": stand_in, "torchvision.models": models, "torchvision.models.resnet": resnet})
+    return require("zennit")
