@@ -42,7 +42,7 @@ def relevance_call(forward: Callable, backward: Callable, relevant: tuple, other
         return forward(relevant, treedef.unflatten(leaves))
 
     def call_fwd(relevant, leaves):
-        return call(relevant, leaves), (relevant, leaves)
+        return forward(relevant, treedef.unflatten(leaves)), (relevant, leaves)
 
     def call_bwd(residuals, relevance):
         relevant, leaves = residuals

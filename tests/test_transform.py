@@ -1,0 +1,169 @@
+"""jaxlrp.lrp is a JAX transformation: jit, vmap, grad, sharding, traced hyperparameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import jaxlrp
+from jaxlrp import composites, rules
+
+import models
+
+MODEL = models.CNN()
+SHAPE = (4, 8, 8, 2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return models.init(MODEL, SHAPE)
+
+
+@pytest.mark.parametrize("name", models.NAMED)
+def test_jit_equals_eager(setup, name):
+    variables, x = setup
+    explain = jaxlrp.lrp(MODEL, models.NAMED[name]())
+    np.testing.assert_allclose(jax.jit(explain)(variables, x), explain(variables, x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", models.NAMED)
+def test_vmap_over_batch_equals_batched(setup, name):
+    variables, x = setup
+    explain = jaxlrp.lrp(MODEL, models.NAMED[name]())
+    targets = jnp.array([0, 1, 2, 1])
+    per_sample = jax.vmap(lambda xi, ti: explain(variables, xi[None], ti[None])[0])(x, targets)
+    np.testing.assert_allclose(per_sample, explain(variables, x, targets), rtol=1e-10, atol=1e-14)
+
+
+def test_target_forms_agree(setup):
+    variables, x = setup
+    explain = jaxlrp.output_and_lrp(MODEL, composites.EpsilonPlus())
+    out, by_argmax = explain(variables, x)
+    classes = jnp.argmax(out, -1)
+    _, by_index = explain(variables, x, target=classes)
+    _, by_seed = explain(variables, x, target=jax.nn.one_hot(classes, 3) * out)
+    np.testing.assert_allclose(by_argmax, by_index)
+    np.testing.assert_allclose(by_argmax, by_seed)
+    _, scalar = explain(variables, x, target=1)
+    _, vector = explain(variables, x, target=jnp.ones(4, int))
+    np.testing.assert_allclose(scalar, vector)
+
+
+def test_output_is_the_models(setup):
+    variables, x = setup
+    out, _ = jaxlrp.output_and_lrp(MODEL, composites.EpsilonPlus())(variables, x)
+    np.testing.assert_array_equal(out, MODEL.apply(variables, x))
+
+
+def _gamma_composite(gamma):
+    return composites.LayerMap({"conv": rules.Gamma(gamma), "dense": rules.Epsilon()})
+
+
+def test_vmap_over_gamma_equals_loop(setup):
+    variables, x = setup
+    gammas = jnp.array([0.0, 0.25, 1.0])
+    batched = jax.vmap(lambda g: jaxlrp.lrp(MODEL, _gamma_composite(g))(variables, x))(gammas)
+    for g, r in zip(gammas, batched):
+        np.testing.assert_allclose(r, jaxlrp.lrp(MODEL, _gamma_composite(float(g)))(variables, x), rtol=1e-10)
+
+
+def test_new_epsilon_does_not_recompile(setup):
+    variables, x = setup
+    traces = []
+
+    @jax.jit
+    def explain(epsilon, variables, x):
+        traces.append(1)
+        return jaxlrp.lrp(MODEL, composites.LayerMap({("dense", "conv"): rules.Epsilon(epsilon)}))(variables, x)
+
+    a = explain(0.01, variables, x)
+    b = explain(0.5, variables, x)
+    assert len(traces) == 1
+    assert not np.allclose(a, b)
+
+
+def test_composite_is_a_jit_argument(setup):
+    variables, x = setup
+    explain = jax.jit(lambda c, v, x: jaxlrp.lrp(MODEL, c)(v, x))
+    for c in (composites.EpsilonGammaBox(-3.0, 3.0, gamma=0.1), composites.EpsilonGammaBox(-3.0, 3.0, gamma=0.9)):
+        np.testing.assert_allclose(explain(c, variables, x), jaxlrp.lrp(MODEL, c)(variables, x), rtol=1e-10)
+
+
+def _finite_difference(f, x, direction, h=1e-6):
+    return (f(x + h * direction) - f(x - h * direction)) / (2 * h)
+
+
+def test_grad_wrt_input_matches_finite_difference(setup):
+    variables, x = setup
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonPlus(epsilon=0.1))
+
+    def loss(x):
+        return jnp.sum(explain(variables, x, target=0) ** 2)
+
+    direction = jax.random.normal(jax.random.PRNGKey(5), x.shape, x.dtype)
+    g = jax.jit(jax.grad(loss))(x)
+    np.testing.assert_allclose(jnp.vdot(g, direction), _finite_difference(loss, x, direction), rtol=1e-5)
+
+
+def test_grad_wrt_epsilon_matches_finite_difference(setup):
+    variables, x = setup
+
+    def loss(epsilon):
+        composite = composites.LayerMap({("dense", "conv"): rules.Epsilon(epsilon)})
+        return jnp.sum(jaxlrp.lrp(MODEL, composite)(variables, x, target=0) ** 2)
+
+    g = jax.grad(loss)(0.3)
+    assert g != 0
+    np.testing.assert_allclose(g, _finite_difference(loss, 0.3, 1.0), rtol=1e-6)
+
+
+def test_jvp_of_relevance_function(setup):
+    variables, x = setup
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonPlus(epsilon=0.1))
+    direction = jax.random.normal(jax.random.PRNGKey(6), x.shape, x.dtype)
+    _, tangent = jax.jvp(lambda x: explain(variables, x, 0), (x,), (direction,))
+    expected = _finite_difference(lambda x: explain(variables, x, 0), x, direction)
+    np.testing.assert_allclose(tangent, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_inside_an_outer_jit(setup):
+    variables, x = setup
+
+    @jax.jit
+    def step(variables, x):
+        relevance = jaxlrp.lrp(MODEL, composites.EpsilonPlusFlat())(variables, x)
+        return relevance.sum(), relevance
+
+    total, relevance = step(variables, x)
+    np.testing.assert_allclose(total, relevance.sum())
+
+
+def test_sharded_batch_equals_unsharded():
+    assert jax.device_count() == 8, "conftest asks XLA for 8 CPU devices"
+    variables, x = models.init(MODEL, (8, 8, 8, 2))
+    mesh = jax.make_mesh((8,), ("batch",))
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
+    explain = jax.jit(jaxlrp.lrp(MODEL, composites.EpsilonPlusFlat()))
+    relevance = explain(variables, sharded)
+    np.testing.assert_allclose(relevance, explain(variables, x), rtol=1e-12)
+    assert len(relevance.sharding.device_set) == 8
+
+
+def test_nothing_the_user_owns_changes(setup):
+    variables, x = setup
+    before = jax.tree.map(np.array, variables)
+    module_before = repr(MODEL)
+    jaxlrp.lrp(MODEL, composites.EpsilonPlus())(variables, x)
+    jax.tree.map(np.testing.assert_array_equal, variables, before)
+    assert repr(MODEL) == module_before
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_dtypes(dtype):
+    variables, x = models.init(MODEL, SHAPE, dtype=jnp.float32)
+    variables = jax.tree.map(lambda p: p.astype(dtype), variables)
+    relevance = jaxlrp.lrp(MODEL.clone(), composites.EpsilonPlusFlat())(variables, x.astype(dtype))
+    assert relevance.dtype == dtype and relevance.shape == x.shape
+    assert bool(jnp.all(jnp.isfinite(relevance.astype(jnp.float32))))
