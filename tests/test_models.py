@@ -1,0 +1,214 @@
+"""Model styles and glue between modules: Sequential, setup, nesting, remat, scan, Embed,
+activations, concatenation, slicing, padding, dropout, scaling by constants."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlrp
+from jaxlrp import composites, rules
+
+import models
+
+EPSILON = composites.LayerMap({("dense", "conv"): rules.Epsilon(0.01)})
+
+
+def _two_dense_reference(variables, x, act, target):
+    """Epsilon on dense -> act (Pass) -> dense, by hand."""
+    p = variables["params"]
+    W1, b1, W2, b2 = p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["Dense_1"]["kernel"], p["Dense_1"]["bias"]
+    h = act(x @ W1 + b1)
+    out = h @ W2 + b2
+    R = jax.nn.one_hot(target, out.shape[-1]) * out
+    stab = lambda z: z + ((z == 0) + jnp.sign(z)) * 0.01  # noqa: E731
+    R_h = h * ((R / stab(out)) @ W2.T)
+    return x * ((R_h / stab(x @ W1 + b1)) @ W1.T)
+
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "silu": nn.silu,
+    "tanh": nn.tanh,
+    "sigmoid": nn.sigmoid,
+    "leaky_relu": nn.leaky_relu,
+    "elu": nn.elu,
+    "softplus": nn.softplus,
+    "hand_written_swish": lambda x: x * jax.nn.sigmoid(x),
+    "where": lambda x: jnp.where(x > 0, x, 0.1 * x),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_passes_relevance(name):
+    act = ACTIVATIONS[name]
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = act(nn.Dense(6)(x))
+            return nn.Dense(3)(h)
+
+    variables, x = models.init(Net(), (2, 5))
+    relevance = jaxlrp.lrp(Net(), EPSILON)(variables, x, target=1)
+    np.testing.assert_allclose(relevance, _two_dense_reference(variables, x, act, 1), rtol=1e-10)
+
+
+class SetupMLP(nn.Module):
+    def setup(self):
+        self.layers = [nn.Dense(6), nn.Dense(3)]
+
+    def __call__(self, x):
+        return self.layers[1](nn.relu(self.layers[0](x)))
+
+
+class Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(6)(x))
+
+
+class Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = Inner()(x)
+        return nn.Dense(3)(h)
+
+
+def _same_weights_as_plain(variables_other):
+    """Re-keys two dense layers' params into the plain Net layout."""
+    dense = jax.tree.leaves(variables_other, is_leaf=lambda t: isinstance(t, dict) and "kernel" in t)
+    first, second = sorted(dense, key=lambda d: d["kernel"].shape[0] != 5)
+    return {"params": {"Dense_0": first, "Dense_1": second}}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [SetupMLP(), Nested(), nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])],
+    ids=["setup", "nested", "sequential"],
+)
+def test_module_styles(model):
+    variables, x = models.init(model, (2, 5))
+    relevance = jaxlrp.lrp(model, EPSILON)(variables, x, target=2)
+    expected = _two_dense_reference(_same_weights_as_plain(variables), x, nn.relu, 2)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-10)
+
+
+class Stack(nn.Module):
+    """Four dense+relu layers of the same width, with or without nn.scan / nn.remat."""
+
+    mode: str
+
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return nn.relu(nn.Dense(4)(h)), None
+
+        if self.mode == "scan":
+            Scanned = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+            x, _ = Scanned(name="stack")(x, None)
+        else:
+            cls = nn.remat(Layer) if self.mode == "remat" else Layer
+            for i in range(4):
+                x, _ = cls(name=f"layer{i}")(x, None)
+        return nn.Dense(2, name="head")(x)
+
+
+@pytest.mark.parametrize("mode", ["scan", "remat"])
+def test_scan_and_remat_equal_the_unrolled_model(mode):
+    model = Stack(mode)
+    variables, x = models.init(model, (3, 4))
+    if mode == "scan":
+        stacked = variables["params"]["stack"]["Dense_0"]
+        layers = {f"layer{i}": {"Dense_0": jax.tree.map(lambda a: a[i], stacked)} for i in range(4)}
+    else:
+        layers = {f"layer{i}": variables["params"][f"layer{i}"] for i in range(4)}
+    plain = {"params": {**layers, "head": variables["params"]["head"]}}
+    # Under nn.scan all iterations are one traced layer and so share one rule: `first` (the
+    # Flat composites) would pick the whole scanned stack; remat keeps layers apart.
+    chosen = [EPSILON, composites.EpsilonPlus()] + ([composites.EpsilonPlusFlat()] if mode == "remat" else [])
+    for composite in chosen:
+        ours = jax.jit(jaxlrp.lrp(model, composite))(variables, x)
+        expected = jaxlrp.lrp(Stack("plain"), composite)(plain, x)
+        np.testing.assert_allclose(ours, expected, rtol=1e-10)
+
+
+class Glue(nn.Module):
+    """Concatenation, slicing, padding, dropout, scaling by constants, transposes."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6)(x)
+        h = jnp.concatenate([h, 2.0 * h[:, :2]], axis=-1) / 3.0
+        h = nn.Dropout(0.5, deterministic=True)(h)
+        h = jnp.pad(h, ((0, 0), (1, 1)))
+        return nn.Dense(3)(nn.relu(h).T.T)
+
+
+def test_structural_glue_passes_relevance():
+    variables, x = models.init(Glue(), (2, 5))
+    composite = composites.LayerMap({"dense": rules.Epsilon(0.0)})
+    out, relevance = jaxlrp.output_and_lrp(Glue(), composite)(variables, x, target=0)
+    table = jaxlrp.rule_table(Glue(), composite, variables, x)
+    assert [info.kind for info in table.layers] == ["dense", "dense"]
+    # LRP-0 through Pass and gradient glue: relevance splits in proportion; the biases absorb the rest.
+    assert np.all(np.isfinite(relevance)) and relevance.shape == x.shape
+
+
+class TokenModel(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return self.head(nn.Embed(11, 4)(ids))
+
+    @nn.nowrap
+    def head(self, e):
+        return HeadOnly(name="Head")(e)
+
+
+class HeadOnly(nn.Module):
+    @nn.compact
+    def __call__(self, e):
+        h = nn.relu(nn.Dense(5)(e))
+        return nn.Dense(3)(jnp.mean(h, axis=1))
+
+
+def test_embedding_relevance_is_per_token():
+    ids = jnp.array([[1, 4, 2, 9], [3, 3, 0, 10]])
+    model = TokenModel()
+    variables = model.init(jax.random.PRNGKey(0), ids)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+    relevance = jaxlrp.lrp(model, EPSILON)(variables, ids, target=1)
+    assert relevance.shape == ids.shape
+    # The same as explaining the head on the embedding vectors, summed over features.
+    embeddings = variables["params"]["Embed_0"]["embedding"][ids]
+    head_vars = {"params": variables["params"]["Head"]}
+    expected = jaxlrp.lrp(HeadOnly(), EPSILON)(head_vars, embeddings, target=1).sum(-1)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-10)
+
+
+def test_rule_table_shows_merges_and_defaults():
+    model = models.CNN()
+    variables, x = models.init(model, (1, 8, 8, 2))
+    table = jaxlrp.rule_table(model, composites.EpsilonPlusFlat(), variables, x)
+    kinds = [(info.path, info.kind) for info in table.layers]
+    assert kinds == [("Conv_0", "conv"), ("Conv_1", "conv"), ("", "sum"), ("", "avg_pool"), ("Dense_0", "dense")]
+    assert table.layers[0].merged == ("BatchNorm_0",)
+    assert isinstance(table.rules[0], rules.Flat) and isinstance(table.rules[2], rules.Norm)
+    text = str(table)
+    assert "BatchNorm_0" in text and "Flat(stabilizer=1e-06)" in text and "<root>" in text
+
+
+def test_name_map_and_combine():
+    model = models.CNN()
+    variables, x = models.init(model, (1, 8, 8, 2))
+    composite = composites.combine(composites.NameMap({"Conv_1": rules.Gamma(0.5)}), composites.EpsilonPlus())
+    table = jaxlrp.rule_table(model, composite, variables, x)
+    assert [type(r).__name__ for r in table.rules] == ["ZPlus", "Gamma", "Norm", "Norm", "Epsilon"]
+    by_type = composites.LayerMap({nn.Conv: rules.Flat(), nn.Dense: rules.Epsilon()})
+    assert [type(r).__name__ for r in jaxlrp.rule_table(model, by_type, variables, x).rules] == [
+        "Flat", "Flat", "Norm", "Norm", "Epsilon"]
