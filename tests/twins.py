@@ -31,12 +31,15 @@ class MLP(nn.Module):
 
 
 class VGG(nn.Module):
+    width: int = 8
+
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(_bn("bn0")(nn.Conv(8, (3, 3), padding=1, name="conv0")(x)))
-        x = nn.relu(_bn("bn1")(nn.Conv(8, (3, 3), padding=1, name="conv1")(x)))
+        w = self.width
+        x = nn.relu(_bn("bn0")(nn.Conv(w, (3, 3), padding=1, name="conv0")(x)))
+        x = nn.relu(_bn("bn1")(nn.Conv(w, (3, 3), padding=1, name="conv1")(x)))
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(_bn("bn2")(nn.Conv(16, (3, 3), padding=1, name="conv2")(x)))
+        x = nn.relu(_bn("bn2")(nn.Conv(2 * w, (3, 3), padding=1, name="conv2")(x)))
         x = nn.avg_pool(x, (2, 2), (2, 2))
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # torch's flatten order
         x = nn.relu(nn.Dense(32, name="fc1")(x))
@@ -70,7 +73,7 @@ class ResNet(nn.Module):
 # ---- torch side and weight porting -------------------------------------------------------
 
 
-def _torch_models():
+def _torch_models(width=8, image=16):
     import torch
     from zennit.layer import Sum
 
@@ -98,9 +101,10 @@ def _torch_models():
         fc1=tnn.Linear(16, 32), relu1=tnn.ReLU(), fc2=tnn.Linear(32, 32), relu2=tnn.ReLU(), fc3=tnn.Linear(32, 10)
     ))
     vgg = tnn.Sequential(OrderedDict(
-        conv0=conv_bn(3, 8), relu0=tnn.ReLU(), conv1=conv_bn(8, 8), relu1=tnn.ReLU(), pool1=tnn.MaxPool2d(2),
-        conv2=conv_bn(8, 16), relu2=tnn.ReLU(), pool2=tnn.AvgPool2d(2), flatten=tnn.Flatten(),
-        fc1=tnn.Linear(256, 32), relu3=tnn.ReLU(), fc2=tnn.Linear(32, 10),
+        conv0=conv_bn(3, width), relu0=tnn.ReLU(), conv1=conv_bn(width, width), relu1=tnn.ReLU(),
+        pool1=tnn.MaxPool2d(2), conv2=conv_bn(width, 2 * width), relu2=tnn.ReLU(), pool2=tnn.AvgPool2d(2),
+        flatten=tnn.Flatten(), fc1=tnn.Linear(2 * width * (image // 4) ** 2, 32), relu3=tnn.ReLU(),
+        fc2=tnn.Linear(32, 10),
     ))
     resnet = tnn.Sequential(OrderedDict(
         conv0=conv_bn(3, 8), relu0=tnn.ReLU(), block1=TorchBlock(8, 8, 1), block2=TorchBlock(8, 16, 2),
@@ -154,20 +158,22 @@ def _to_flax(torch_model, mapping):
     return variables
 
 
-def make(name: str, seed: int = 0):
-    """(torch_model, flax_model, flax_variables, input_shape_nchw_or_features)."""
-    torch_model = _randomize(_torch_models()[name], seed)
+def make(name: str, seed: int = 0, width: int = 8, image: int = 16, batch: int = 3):
+    """(torch_model, flax_model, flax_variables, input shape: NCHW or (batch, features)).
+
+    `width` and `image` size the VGG-like network (the benchmarks use a larger one)."""
+    torch_model = _randomize(_torch_models(width, image)[name], seed)
     m = dict(torch_model.named_modules())
     if name == "mlp":
         mapping = {(k,): m[k] for k in ("fc1", "fc2", "fc3")}
-        return torch_model, MLP(), _to_flax(torch_model, mapping), (3, 16)
+        return torch_model, MLP(), _to_flax(torch_model, mapping), (batch, 16)
     if name == "vgg":
         mapping = {}
         for i in range(3):
             mapping[(f"conv{i}",)] = m[f"conv{i}.0"]
             mapping[(f"bn{i}",)] = m[f"conv{i}.1"]
         mapping.update({("fc1",): m["fc1"], ("fc2",): m["fc2"]})
-        return torch_model, VGG(), _to_flax(torch_model, mapping), (3, 3, 16, 16)
+        return torch_model, VGG(width), _to_flax(torch_model, mapping), (batch, 3, image, image)
     mapping = {("conv0",): m["conv0.0"], ("bn0",): m["conv0.1"], ("fc",): m["fc"]}
     for block in ("block1", "block2"):
         for ours, theirs in (("conv1", "conv1"), ("conv2", "conv2"), ("sc", "shortcut")):
@@ -175,7 +181,7 @@ def make(name: str, seed: int = 0):
                 conv, bn = (f"{ours}_conv", f"{ours}_bn") if ours == "sc" else (ours, "bn" + ours[-1])
                 mapping[(block, conv)] = m[f"{block}.{theirs}.0"]
                 mapping[(block, bn)] = m[f"{block}.{theirs}.1"]
-    return torch_model, ResNet(), _to_flax(torch_model, mapping), (3, 3, 16, 16)
+    return torch_model, ResNet(), _to_flax(torch_model, mapping), (batch, 3, 16, 16)
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
