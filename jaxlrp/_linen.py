@@ -8,10 +8,27 @@ the module's path and class; every primitive traced inside carries that scope, w
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 
 _MARK = "jaxlrp~"
+
+
+def mark_scope(index: int) -> contextlib.AbstractContextManager:
+    """A name scope that tags every primitive traced inside with module record `index`."""
+    return jax.named_scope(f"{_MARK}{index}")
+
+
+def describe_marks(records: list[tuple[str, type]], root=("", None)):
+    """`describe(scope) -> (path, class)` of the innermost marked module in a name stack."""
+
+    def describe(scope: str) -> tuple[str, type | None]:
+        marks = [t for t in scope.split("/") if t.startswith(_MARK)]
+        return records[int(marks[-1][len(_MARK):])] if marks else root
+
+    return describe
 
 
 def trace(module: nn.Module, variables, x, apply_kwargs: dict):
@@ -22,7 +39,7 @@ def trace(module: nn.Module, variables, x, apply_kwargs: dict):
         if context.method_name == "setup":
             return next_fun(*args, **kwargs)
         records.append(("/".join(context.module.path), type(context.module)))
-        with jax.named_scope(f"{_MARK}{len(records) - 1}"):
+        with mark_scope(len(records) - 1):
             return next_fun(*args, **kwargs)
 
     def apply(variables, x):
@@ -30,11 +47,4 @@ def trace(module: nn.Module, variables, x, apply_kwargs: dict):
             return module.apply(variables, x, **apply_kwargs)
 
     closed = jax.make_jaxpr(apply)(variables, x)
-
-    def describe(scope: str) -> tuple[str, type | None]:
-        marks = [t for t in scope.split("/") if t.startswith(_MARK)]
-        if not marks:
-            return "", type(module)
-        return records[int(marks[-1][len(_MARK):])]
-
-    return closed, describe
+    return closed, describe_marks(records, root=("", type(module)))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import jaxlrp
 from jaxlrp import composites, rules
 
-SETTINGS = settings(max_examples=10, deadline=None)
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)  # the same examples in every CI run
 
 
 class BiasFreeReLUNet(nn.Module):
@@ -56,11 +56,16 @@ CONSERVING = {
     seed=st.integers(0, 2**16),
 )
 def test_rules_conserve_what_they_receive(rule, features, kind, seed):
-    """A bias-free layer hands on all the relevance it receives (up to the stabilizer)."""
+    """A bias-free layer hands on all the relevance it receives (up to the stabilizer).
+
+    ZPlus and AlphaBeta drop the relevance of an output that has no contribution of the
+    needed sign; each contribution has that sign with probability 1/2, so a fan-in of 64 or
+    more makes such an output a 2^-64 event rather than a flaky test.
+    """
     if kind == "dense":
-        layer, shape = nn.Dense(features, use_bias=False), (1, 6)
+        layer, shape = nn.Dense(features, use_bias=False), (1, 64)
     else:
-        layer, shape = nn.Conv(features, (3, 3), padding="VALID", use_bias=False), (1, 5, 5, 2)
+        layer, shape = nn.Conv(features, (3, 3), padding="VALID", use_bias=False), (1, 5, 5, 8)
     x = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)
     variables = jax.tree.map(lambda p: p.astype(jnp.float64), layer.init(jax.random.PRNGKey(seed + 1), x))
     seed_relevance = jnp.abs(jax.random.normal(jax.random.PRNGKey(seed + 2), layer.apply(variables, x).shape))
