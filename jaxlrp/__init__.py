@@ -11,7 +11,7 @@ See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how lay
 
 from jaxlrp import composites, rules
 from jaxlrp._table import LayerInfo, RuleTable
-from jaxlrp._transform import lrp, output_and_lrp, rule_table
+from jaxlrp._transform import lrp, lrp_fn, output_and_lrp, rule_table
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "RuleTable",
     "composites",
     "lrp",
+    "lrp_fn",
     "output_and_lrp",
     "rule_table",
     "rules",

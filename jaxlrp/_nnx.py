@@ -25,7 +25,7 @@ def _mark(module: nnx.Module, index: int) -> None:
     module.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
 
 
-def trace(graphdef: nnx.GraphDef, state, x):
+def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict):
     """Returns `(closed_jaxpr of (state, x) -> output, describe(scope) -> (path, class))`."""
     records: list[tuple[str, type]] = []
 
@@ -36,7 +36,7 @@ def trace(graphdef: nnx.GraphDef, state, x):
         for path, node in modules:
             records.append(("/".join(map(str, path)), type(node)))
             _mark(node, len(records) - 1)
-        return model(x)
+        return model(x, **call_kwargs)
 
     closed = jax.make_jaxpr(apply)(state, x)
     return closed, describe_marks(records)

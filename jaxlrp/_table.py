@@ -39,7 +39,11 @@ class LayerInfo:
     def type_name(self) -> str:
         if self.module is None:
             return self.kind
-        return f"{self.module.__module__.split('.')[0]}.{self.module.__qualname__}"
+        module = self.module.__module__
+        for prefix, short in (("flax.nnx", "nnx"), ("flax.linen", "nn")):
+            if module.startswith(prefix):
+                module = short
+        return f"{module}.{self.module.__qualname__}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,46 +1,56 @@
-"""`jaxlrp.lrp`: LRP as a function transformation of a Flax model."""
+"""`jaxlrp.lrp`: LRP as a function transformation of a Flax model or a plain JAX function."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import flax.linen as nn
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _linen, rules as _rules
+from jaxlrp import _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import from_closed_jaxpr
 from jaxlrp._table import FIXED, RuleTable
 from jaxlrp.composites import Composite
 
-__all__ = ["lrp", "output_and_lrp", "rule_table"]
+__all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
 
 
 def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]:
-    """Turns a Flax Linen model into `explain(variables, x, target=None) -> relevance`.
+    """Turns a Flax model into a function that returns a relevance map shaped like its input.
 
-    The relevance has the shape of `x`. `target` says where relevance starts:
+    * Linen module: `explain(variables, x, target=None)`.
+    * NNX module: `explain(x, target=None)`, reading the module's current state at each call.
+    * NNX GraphDef (from `graphdef, state = nnx.split(model)`): `explain(state, x,
+      target=None)`, the pure form: under `jax.jit` the weights are arguments, not constants,
+      so one compiled function serves every weight set, and `state` can be sharded.
+
+    `target` says where relevance starts:
 
     * `None`: each sample's arg-max output, seeded with that output's value;
     * an int, or an int array of shape `output.shape[:-1]`: that class, seeded with its value;
     * a float array of the output's shape: the initial relevance itself.
 
     `explain` is a pure function: it composes with `jax.jit`, `jax.vmap`, `jax.grad` and
-    sharding. `apply_kwargs` go to `model.apply` (e.g. `train=False`). For a model whose input
-    is integer token ids, relevance is read at the embedding output and summed over the
-    feature axis, one value per token.
+    sharding. `apply_kwargs` go to `model.apply` (Linen) or the module call (NNX). For a model
+    whose input is integer token ids, relevance is read at the embedding output and summed over
+    the feature axis, one value per token. NNX models are explained in eval mode, on a copy.
 
     Example::
 
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
         relevance = jax.jit(explain)(variables, x, target=3)
     """
-    _check_composite(composite)
+    with_output = output_and_lrp(model, composite, **apply_kwargs)
 
-    def explain(variables, x, target=None):
-        return _output_and_relevance(model, composite, variables, x, target, apply_kwargs)[1]
+    @functools.wraps(with_output)
+    def explain(*args, **kwargs):
+        return with_output(*args, **kwargs)[1]
 
     return explain
 
@@ -48,24 +58,86 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
 def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`)."""
     _check_composite(composite)
+    bind = _binding(model, apply_kwargs)
+    if isinstance(model, nnx.Module):
 
-    def explain(variables, x, target=None):
-        return _output_and_relevance(model, composite, variables, x, target, apply_kwargs)
+        def explain(x, target=None):
+            return _output_and_relevance(*bind(x), composite, target)
+
+    else:
+
+        def explain(params, x, target=None):
+            return _output_and_relevance(*bind(params, x), composite, target)
 
     return explain
 
 
-def rule_table(model, composite: Composite, variables, x, **apply_kwargs) -> RuleTable:
-    """The rule each layer of `model` gets under `composite`, in execution order.
+def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[..., jax.Array]:
+    """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
 
-    `print(jaxlrp.rule_table(model, composite, variables, x))` shows each layer's path, module
-    class, kind, rule and the modules merged into it (BatchNorm, a mean's division).
+    Returns `explain(*args, target=None)`: the relevance of `args[argnums]`. Each matmul or
+    convolution with one parameter operand is a layer; `LayerMap` keys are its kind
+    (`"dense"`, `"conv"`), `first=` means the first in execution order, and `NameMap` patterns
+    match the `jax.named_scope` the layer was traced in.
+
+    Example::
+
+        def mlp(params, x):
+            with jax.named_scope("hidden"):
+                x = jax.nn.relu(x @ params["w1"] + params["b1"])
+            return x @ params["w2"] + params["b2"]
+
+        relevance = jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())(params, x)
     """
     _check_composite(composite)
-    plan = _plan(model, variables, x, apply_kwargs)
+
+    def explain(*args, target=None):
+        x, others = args[argnums], (*args[:argnums], *args[argnums + 1 :])
+        trace = functools.partial(_function.trace, fn, argnums)
+        return _output_and_relevance(trace, others, x, composite, target)[1]
+
+    return explain
+
+
+def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTable:
+    """The rule each layer of `model` gets under `composite`, in execution order.
+
+    `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
+    an NNX module, `(state, x)` for an NNX GraphDef. `print` the table to see each layer's
+    path, module class, kind, rule and the modules merged into it (BatchNorm, a mean's division).
+    """
+    _check_composite(composite)
+    trace, params, x = _binding(model, apply_kwargs)(*inputs)
+    plan = _plan(trace, params, x)
     resolved = _resolve(composite, plan)
     steps = plan.linear_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
+
+
+def _binding(model, apply_kwargs: dict) -> Callable:
+    """`bind(*inputs) -> (trace, params, x)` for the kind of model."""
+    if isinstance(model, nnx.Module):
+
+        def bind(x):
+            graphdef, state = nnx.split(model)
+            return functools.partial(_nnx.trace, graphdef, call_kwargs=apply_kwargs), state, x
+
+    elif isinstance(model, nnx.GraphDef):
+
+        def bind(state, x):
+            return functools.partial(_nnx.trace, model, call_kwargs=apply_kwargs), state, x
+
+    elif isinstance(model, nn.Module):
+
+        def bind(variables, x):
+            return functools.partial(_linen.trace, model, apply_kwargs=apply_kwargs), variables, x
+
+    else:
+        raise TypeError(
+            f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs (jaxlrp.lrp), and plain "
+            f"functions (jaxlrp.lrp_fn); got {type(model).__name__}."
+        )
+    return bind
 
 
 def _check_composite(composite) -> None:
@@ -91,8 +163,8 @@ def _check_input(x) -> None:
             )
 
 
-def _plan(model, variables, x, apply_kwargs) -> Plan:
-    closed, describe = _linen.trace(model, variables, x, apply_kwargs)
+def _plan(trace: Callable, params, x) -> Plan:
+    closed, describe = trace(params, x)
     program = from_closed_jaxpr(closed)
     if len(program.outputs) != 1:
         raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
@@ -149,11 +221,11 @@ def _seed(out: jax.Array, target) -> jax.Array:
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
 
 
-def _output_and_relevance(model, composite, variables, x, target, apply_kwargs):
+def _output_and_relevance(trace: Callable, params, x, composite: Composite, target):
     _check_input(x)
-    plan = _plan(model, variables, x, apply_kwargs)
+    plan = _plan(trace, params, x)
     resolved = _resolve(composite, plan)
-    params = jax.tree.leaves(variables)
+    params = jax.tree.leaves(params)
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):
 
         def forward(x):

@@ -254,8 +254,9 @@ class ZBox(Rule):
     stabilizer: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
-        low = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape), inputs)
-        high = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape), inputs)
+        # zeros_like(x) + bound keeps x's sharding (broadcast_to would drop it).
+        low = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.low, x.dtype), inputs)
+        high = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.high, x.dtype), inputs)
         z_x, back_x = _linearize(layer.forward, inputs)
         z_l, back_l = _linearize(layer.positive, low)
         z_h, back_h = _linearize(layer.negative, high)

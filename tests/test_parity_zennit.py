@@ -67,14 +67,20 @@ def _assert_close(ours, theirs):
 
 
 @pytest.mark.parametrize("case", NAMED + list(RULES))
-@pytest.mark.parametrize("model", ["mlp", "vgg", "resnet"])
-def test_equals_zennit(model, case):
+@pytest.mark.parametrize("model, api", [("mlp", "linen"), ("vgg", "linen"), ("resnet", "linen"), ("vgg", "nnx"),
+                                        ("resnet", "nnx")])
+def test_equals_zennit(model, api, case):
     peers.zennit()
     torch_model, flax_model, variables, shape = twins.make(model)
     x = np.random.default_rng(0).normal(size=shape)
     out_ref, relevance_ref = _zennit_relevance(torch_model, x, _zennit_composite(case))
-    explain = jaxlrp.output_and_lrp(flax_model, _jaxlrp_composite(case))
-    out, relevance = explain(variables, jnp.asarray(twins.to_nhwc(x)), target=TARGETS)
+    x_ours = jnp.asarray(twins.to_nhwc(x))
+    if api == "linen":
+        explain = jaxlrp.output_and_lrp(flax_model, _jaxlrp_composite(case))
+        out, relevance = explain(variables, x_ours, target=TARGETS)
+    else:
+        explain = jaxlrp.output_and_lrp(twins.to_nnx(model, variables), _jaxlrp_composite(case))
+        out, relevance = explain(x_ours, target=TARGETS)
     np.testing.assert_allclose(out, out_ref, rtol=1e-12, atol=1e-12)
     _assert_close(relevance, twins.to_nhwc(relevance_ref))
 

@@ -9,6 +9,7 @@ comparison about the rules (zennit's own canonizer tests do the same).
 from collections import OrderedDict
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -186,3 +187,101 @@ def make(name: str, seed: int = 0, width: int = 8, image: int = 16, batch: int =
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+# ---- NNX twins and a plain-function twin of the Linen models (same weights) ---------------
+
+
+def _nnx_models():
+    from flax import nnx
+
+    def bn(n, rngs):
+        return nnx.BatchNorm(n, epsilon=BN_EPS, use_running_average=True, rngs=rngs)
+
+    class NNXVGG(nnx.Module):
+        def __init__(self, width, image, rngs):
+            w = width
+            self.conv0, self.bn0 = nnx.Conv(3, w, (3, 3), padding=1, rngs=rngs), bn(w, rngs)
+            self.conv1, self.bn1 = nnx.Conv(w, w, (3, 3), padding=1, rngs=rngs), bn(w, rngs)
+            self.conv2, self.bn2 = nnx.Conv(w, 2 * w, (3, 3), padding=1, rngs=rngs), bn(2 * w, rngs)
+            self.fc1 = nnx.Linear(2 * w * (image // 4) ** 2, 32, rngs=rngs)
+            self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn0(self.conv0(x)))
+            x = nnx.relu(self.bn1(self.conv1(x)))
+            x = nnx.max_pool(x, (2, 2), (2, 2))
+            x = nnx.relu(self.bn2(self.conv2(x)))
+            x = nnx.avg_pool(x, (2, 2), (2, 2))
+            x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+            return self.fc2(nnx.relu(self.fc1(x)))
+
+    class NNXBlock(nnx.Module):
+        def __init__(self, cin, cout, stride, rngs):
+            s = (stride, stride)
+            self.conv1, self.bn1 = nnx.Conv(cin, cout, (3, 3), s, padding=1, rngs=rngs), bn(cout, rngs)
+            self.conv2, self.bn2 = nnx.Conv(cout, cout, (3, 3), padding=1, rngs=rngs), bn(cout, rngs)
+            self.shortcut = stride != 1 or cin != cout
+            if self.shortcut:
+                self.sc_conv = nnx.Conv(cin, cout, (1, 1), s, padding=0, rngs=rngs)
+                self.sc_bn = bn(cout, rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.bn1(self.conv1(x)))
+            h = self.bn2(self.conv2(h))
+            if self.shortcut:
+                x = self.sc_bn(self.sc_conv(x))
+            return nnx.relu(h + x)
+
+    class NNXResNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv0, self.bn0 = nnx.Conv(3, 8, (3, 3), padding=1, rngs=rngs), bn(8, rngs)
+            self.block1 = NNXBlock(8, 8, 1, rngs)
+            self.block2 = NNXBlock(8, 16, 2, rngs)
+            self.fc = nnx.Linear(16, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn0(self.conv0(x)))
+            x = self.block2(self.block1(x))
+            return self.fc(jnp.mean(x, axis=(1, 2)))
+
+    return nnx, NNXVGG, NNXResNet
+
+
+def to_nnx(name: str, variables, width: int = 8, image: int = 16):
+    """The NNX twin of Linen model `name`, carrying the Linen `variables`."""
+    nnx, NNXVGG, NNXResNet = _nnx_models()
+    rngs = nnx.Rngs(0)
+    model = NNXVGG(width, image, rngs) if name == "vgg" else NNXResNet(rngs)
+    for collection in variables.values():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(collection)[0]:
+            *modules, leaf_name = [p.key for p in path]
+            node = model
+            for m in modules:
+                node = getattr(node, m)
+            getattr(node, leaf_name).set_value(leaf)
+    return model
+
+
+def vgg_function(params, x):
+    """The VGG-like twin as a plain function of the Linen variables (jnp / lax only)."""
+    from jax import lax
+
+    def conv_bn(x, i):
+        with jax.named_scope(f"conv{i}"):
+            conv, bn, stats = params["params"][f"conv{i}"], params["params"][f"bn{i}"], params["batch_stats"][f"bn{i}"]
+            y = lax.conv_general_dilated(x, conv["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+            y = (y - stats["mean"]) * (bn["scale"] / jnp.sqrt(stats["var"] + BN_EPS)) + bn["bias"]
+            return jax.nn.relu(y)
+
+    x = conv_bn(conv_bn(x, 0), 1)
+    x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    x = conv_bn(x, 2)
+    x = lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+    x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+    p = params["params"]
+    with jax.named_scope("fc1"):
+        x = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    with jax.named_scope("fc2"):
+        return x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
