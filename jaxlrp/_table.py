@@ -42,8 +42,8 @@ class LayerInfo:
         module = self.module.__module__
         for prefix, short in (("flax.nnx", "nnx"), ("flax.linen", "nn")):
             if module.startswith(prefix):
-                module = short
-        return f"{module}.{self.module.__qualname__}"
+                return f"{short}.{self.module.__name__}"
+        return self.module.__name__
 
 
 @dataclasses.dataclass(frozen=True)
