@@ -138,7 +138,40 @@ def _layer(step: LinearStep, local: dict, linear: Callable) -> Layer:
             scale, shift = _fold(node, y, scale, shift, local)
         y = node.outputs[0]
     weight = None if step.weight is None else _read(local, step.first.inputs[step.weight])
+    if weight is not None and scale is not None:
+        folded = _fold_into_weight(step, weight, jnp.asarray(scale))
+        if folded is not None:
+            weight, scale = folded, None
     return Layer(linear, weight, scale, shift)
+
+
+def _fold_into_weight(step: LinearStep, weight, scale):
+    """`W·a` when the scale `a` varies only along the output features, else None."""
+    if scale.ndim == 0:
+        return weight * scale.astype(weight.dtype)
+    out = step.first.outputs[0]
+    if scale.ndim != len(out.shape) or any(s not in (1, n) for s, n in zip(scale.shape, out.shape)):
+        return None
+    varying = {i for i, n in enumerate(scale.shape) if n != 1}
+    params = step.first.params
+    if step.first.name == "conv_general_dilated" and step.weight == 1 and params["batch_group_count"] == 1:
+        numbers = params["dimension_numbers"]
+        output_features, kernel_features = numbers.out_spec[1], numbers.rhs_spec[0]
+        if not varying <= {output_features}:
+            return None
+        shape = [1] * weight.ndim
+        shape[kernel_features] = scale.shape[output_features]
+        return weight * scale.reshape(shape).astype(weight.dtype)
+    if step.first.name == "dot_general" and step.weight == 1:
+        (_, contracting), (_, batch) = params["dimension_numbers"]
+        free = [d for d in range(weight.ndim) if d not in contracting and d not in batch]
+        if batch or not varying <= set(range(scale.ndim - len(free), scale.ndim)):
+            return None
+        shape = [1] * weight.ndim
+        for d, n in zip(free, scale.shape[scale.ndim - len(free):]):
+            shape[d] = n
+        return weight * scale.reshape(shape).astype(weight.dtype)
+    return None
 
 
 def _fold(node: Node, y: Value, scale, shift, local: dict):

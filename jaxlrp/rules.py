@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp._layer import Inputs, Layer
+from jaxlrp._layer import Inputs, Layer, negative_part, positive_part
 
 __all__ = [
     "Rule",
@@ -136,7 +136,7 @@ class Epsilon(Rule):
     epsilon: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
-        z, back = _linearize(layer.forward, inputs)
+        z, back = _linearize(layer.modified(), inputs)
         s = _divide(relevance, stabilize(z + layer.bias, self.epsilon))
         return _mul(inputs, back(s))
 
@@ -153,8 +153,8 @@ class ZPlus(Rule):
 
     def __call__(self, layer, inputs, relevance):
         xp, xn = _pos(inputs), _neg(inputs)
-        zp, back_p = _linearize(layer.positive, xp)
-        zn, back_n = _linearize(layer.negative, xn)
+        zp, back_p = _linearize(layer.modified(positive_part), xp)
+        zn, back_n = _linearize(layer.modified(negative_part), xn)
         s = _divide(relevance, stabilize(zp + zn + jnp.maximum(layer.bias, 0), self.stabilizer))
         return _add(_mul(xp, back_p(s)), _mul(xn, back_n(s)))
 
@@ -187,10 +187,11 @@ class AlphaBeta(Rule):
 
     def __call__(self, layer, inputs, relevance):
         xp, xn = _pos(inputs), _neg(inputs)
-        z_pp, back_pp = _linearize(layer.positive, xp)
-        z_nn, back_nn = _linearize(layer.negative, xn)
-        z_pn, back_pn = _linearize(layer.negative, xp)
-        z_np, back_np = _linearize(layer.positive, xn)
+        positive, negative = layer.modified(positive_part), layer.modified(negative_part)
+        z_pp, back_pp = _linearize(positive, xp)
+        z_nn, back_nn = _linearize(negative, xn)
+        z_pn, back_pn = _linearize(negative, xp)
+        z_np, back_np = _linearize(positive, xn)
         bias = layer.bias
         s_a = _divide(relevance, stabilize(z_pp + z_nn + jnp.maximum(bias, 0), self.stabilizer))
         s_b = _divide(relevance, stabilize(z_pn + z_np + jnp.minimum(bias, 0), self.stabilizer))
@@ -214,18 +215,13 @@ class Gamma(Rule):
 
     def __call__(self, layer, inputs, relevance):
         gamma = self.gamma
-
-        def w_p(x):
-            return layer.forward(x) + gamma * layer.positive(x)
-
-        def w_n(x):
-            return layer.forward(x) + gamma * layer.negative(x)
-
+        w_p = layer.modified(lambda w: w + gamma * jnp.maximum(w, 0))
+        w_n = layer.modified(lambda w: w + gamma * jnp.minimum(w, 0))
         bias = layer.bias
         b_p = bias + gamma * jnp.maximum(bias, 0)
         b_n = bias + gamma * jnp.minimum(bias, 0)
         xp, xn = _pos(inputs), _neg(inputs)
-        z = layer.forward(inputs) + bias
+        z = layer.modified()(inputs) + bias
         zp_p, back_pp = _linearize(w_p, xp)
         zn_n, back_nn = _linearize(w_n, xn)
         zp_n, back_pn = _linearize(w_n, xp)
@@ -257,9 +253,9 @@ class ZBox(Rule):
         # zeros_like(x) + bound keeps x's sharding (broadcast_to would drop it).
         low = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.low, x.dtype), inputs)
         high = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.high, x.dtype), inputs)
-        z_x, back_x = _linearize(layer.forward, inputs)
-        z_l, back_l = _linearize(layer.positive, low)
-        z_h, back_h = _linearize(layer.negative, high)
+        z_x, back_x = _linearize(layer.modified(), inputs)
+        z_l, back_l = _linearize(layer.modified(positive_part), low)
+        z_h, back_h = _linearize(layer.modified(negative_part), high)
         s = _divide(relevance, stabilize(z_x - z_l - z_h, self.stabilizer))
         return _sub(_sub(_mul(inputs, back_x(s)), _mul(low, back_l(s))), _mul(high, back_h(s)))
 

@@ -21,7 +21,7 @@ def setup():
 
 def test_layer_without_rule_names_its_path(setup):
     variables, x = setup
-    with pytest.raises(ValueError, match=r"no rule for layer 'Dense_0' \(flax.Dense, kind 'dense'\)"):
+    with pytest.raises(ValueError, match=r"no rule for layer 'Dense_0' \(nn.Dense, kind 'dense'\)"):
         jaxlrp.lrp(MODEL, composites.LayerMap({"conv": rules.ZPlus()}))(variables, x)
 
 

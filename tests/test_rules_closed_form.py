@@ -26,6 +26,16 @@ class ConvBN(nn.Module):
         return nn.BatchNorm(use_running_average=True)(x)
 
 
+class ConvSpatialScale(nn.Module):
+    """A scale that varies over positions cannot be folded into the kernel (the fallback path)."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(3, (3, 3), padding=1)(x)
+        scale = self.param("scale", nn.initializers.normal(1.0), (1, *y.shape[1:]))
+        return y * scale + self.param("shift", nn.initializers.normal(1.0), (1, *y.shape[1:]))
+
+
 LAYERS = {
     "dense": (nn.Dense(5), (1, 7)),
     "dense_general": (nn.DenseGeneral((2, 3), axis=(-2, -1)), (1, 4, 5)),
@@ -35,6 +45,7 @@ LAYERS = {
     "conv3d": (nn.Conv(2, (2, 2, 2), strides=2, padding=1), (1, 5, 5, 5, 2)),
     "conv_transpose": (nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding="SAME"), (1, 4, 4, 2)),
     "conv_batchnorm": (ConvBN(), (1, 6, 6, 2)),
+    "conv_spatial_scale": (ConvSpatialScale(), (1, 5, 5, 2)),
 }
 
 RULES = {
