@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from jaxlrp._program import Atom, Const, Node, Program, Value
+from jaxlrp._program import Atom, Node, Program, Value
 from jaxlrp._table import LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}

@@ -42,6 +42,28 @@ ACTIVATIONS = {
 }
 
 
+def test_batchnorm_that_no_layer_feeds_passes_relevance():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.BatchNorm(use_running_average=True)(nn.relu(nn.Dense(6)(x)))
+            return nn.Dense(3)(h)
+
+    variables, x = models.init(Net(), (2, 5))
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64) - 0.7, variables)  # negative BatchNorm scales too
+    stats, scale = variables["batch_stats"]["BatchNorm_0"], variables["params"]["BatchNorm_0"]
+
+    def act(z):
+        normalized = (nn.relu(z) - stats["mean"]) / jnp.sqrt(jnp.abs(stats["var"]) + 1e-5)
+        return normalized * scale["scale"] + scale["bias"]
+
+    variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.abs(stats["var"])
+    table = jaxlrp.rule_table(Net(), EPSILON, variables, x)
+    assert [info.merged for info in table.layers] == [(), ()]
+    relevance = jaxlrp.lrp(Net(), EPSILON)(variables, x, target=1)
+    np.testing.assert_allclose(relevance, _two_dense_reference(variables, x, act, 1), rtol=1e-9)
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_activation_passes_relevance(name):
     act = ACTIVATIONS[name]

@@ -1,6 +1,5 @@
 """Flax NNX models and plain JAX functions: same rules, same composites, same numbers."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,8 @@ def _randomize(variables):
     """Random BatchNorm statistics and scales (some negative), float64."""
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    leaves = [leaf.astype(jnp.float64) + 0.3 * jax.random.normal(k, leaf.shape, jnp.float64) for k, leaf in zip(keys, leaves)]
+    leaves = [leaf.astype(jnp.float64) + 0.3 * jax.random.normal(k, leaf.shape, jnp.float64)
+              for k, leaf in zip(keys, leaves)]
     out = jax.tree.unflatten(treedef, leaves)
     out["batch_stats"] = jax.tree.map(jnp.abs, out["batch_stats"])
     return out

@@ -1,6 +1,5 @@
 """jaxlrp.lrp is a JAX transformation: jit, vmap, grad, sharding, traced hyperparameters."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
