@@ -10,6 +10,7 @@ of a function of the relevance reaches them through the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -30,7 +31,8 @@ def _zero_cotangent(x):
 
 
 def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others) -> jax.Array:
-    """`forward(relevant, others)` whose VJP is `backward(relevant, others, R) -> relevant's R`.
+    """`forward(relevant, others)` whose VJP is `backward(relevant, others, output, R)`, the
+    relevance of each relevant input (`output` is the forward value, kept from the forward pass).
 
     `others` (parameters, the rule) travel as flat leaves, so that no zero-valued rule is ever
     built (its constructor would reject, say, AlphaBeta(0, 0)).
@@ -42,11 +44,12 @@ def relevance_call(forward: Callable, backward: Callable, relevant: tuple, other
         return forward(relevant, treedef.unflatten(leaves))
 
     def call_fwd(relevant, leaves):
-        return forward(relevant, treedef.unflatten(leaves)), (relevant, leaves)
+        output = forward(relevant, treedef.unflatten(leaves))
+        return output, (relevant, leaves, output)
 
     def call_bwd(residuals, relevance):
-        relevant, leaves = residuals
-        out = backward(relevant, treedef.unflatten(leaves), relevance)
+        relevant, leaves, output = residuals
+        out = backward(relevant, treedef.unflatten(leaves), output, relevance)
         out = tuple(r.astype(x.dtype) for r, x in zip(out, relevant))
         return out, [_zero_cotangent(leaf) for leaf in leaves]
 
@@ -109,9 +112,10 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
         _evaluate(step.chain, local)
         return local[step.output]
 
-    def backward(xs, others, relevance):
+    def backward(xs, others, output, relevance):
         local = dict(zip(params, others["params"]))
         layer = _layer(step, local, lambda inputs, w: _structural(step.chain, linear_map(local, inputs, w)))
+        layer = dataclasses.replace(layer, output=output, nonnegative_inputs=step.nonnegative)
         return others["rule"](layer, xs, relevance)
 
     relevant = tuple(_read(env, a) for a in relevant_atoms)
@@ -200,7 +204,7 @@ def _run_pass(step: PassStep, env: dict) -> jax.Array:
         _evaluate(step.nodes, local)
         return local[step.output]
 
-    def backward(xs, extras, relevance):
+    def backward(xs, extras, output, relevance):
         return (relevance,)
 
     return relevance_call(forward, backward, (env[step.source],), [env[v] for v in step.extras])
@@ -212,7 +216,7 @@ def _run_product(step: ProductStep, env: dict) -> jax.Array:
     def forward(xs, _):
         return node.bind(*xs)[0]
 
-    def backward(xs, _, relevance):
+    def backward(xs, _, output, relevance):
         return tuple(_unbroadcast(relevance / 2, x.shape) for x in xs)
 
     return relevance_call(forward, backward, tuple(_read(env, a) for a in node.inputs), ())

@@ -42,12 +42,21 @@ class Layer:
       weight: the parameter operand of the linear map, or `None` for a fixed map such as a sum.
       scale: elementwise factor on the output not folded into the weight, or `None`.
       shift: the merged bias, or `None` for zero.
+      output: the layer's forward value `z` as the model computed it, or `None`.
+      nonnegative_inputs: the inputs are known to be >= 0 (they come from a ReLU or max-pooling
+        of one), so rules may skip their negative part.
     """
 
     linear: Callable[[Inputs, jax.Array | None], jax.Array]
     weight: jax.Array | None
     scale: jax.Array | None = None
     shift: jax.Array | None = None
+    output: jax.Array | None = None
+    nonnegative_inputs: bool = False
+
+    def z(self, inputs: Inputs) -> jax.Array:
+        """The output `z = x·W' + b'`: the forward value when known, else recomputed."""
+        return self.output if self.output is not None else self.modified()(inputs) + self.bias
 
     def modified(self, f: Modifier = _identity) -> Callable[[Inputs], jax.Array]:
         """`x ↦ L(x; f(W'))` for an elementwise, positively homogeneous `f` (no bias)."""

@@ -31,8 +31,10 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
+from jax._src import core
 
-from jaxlrp._program import Atom, Node, Program, Value
+from jaxlrp._program import ELEMENTWISE, Atom, Const, Node, Program, Value
 from jaxlrp._table import LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
@@ -46,6 +48,11 @@ GRADIENT = frozenset(
     sort cumsum cummax cummin squeeze stop_gradient optimization_barrier""".split()
 )
 TAPS = frozenset("gather dynamic_slice take".split())
+# Ops whose output is >= 0 when their float operands are (selections, reshapes, max-pooling).
+KEEP_SIGN = frozenset(
+    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice gather
+    pad rev reduce_max reduce_window_max copy copy_p convert_element_type""".split()
+)
 
 
 def is_float(atom: Atom) -> bool:
@@ -62,6 +69,7 @@ class LinearStep:
     relevant: tuple[int, ...]  # positions in first.inputs that carry relevance
     weight: int | None  # position of the parameter operand, None for fixed maps
     info: LayerInfo
+    nonnegative: bool = False  # every relevant input is >= 0 by construction (a ReLU's output)
 
     @property
     def output(self) -> Value:
@@ -147,6 +155,7 @@ class _Planner:
 
     def plan(self, active: list[bool]) -> Plan:
         self.active = self._activity(active)
+        self.nonnegative = _nonnegative_values(self.program)
         self.source: dict[Value, Value] = {}
         self.region: dict[Node, Value] = {}  # region node -> its source
         self.steps: dict[Node, object] = {}
@@ -254,7 +263,8 @@ class _Planner:
             input_shapes=tuple(tuple(node.inputs[i].shape) for i in relevant),
             output_shape=tuple(end.outputs[0].shape),
         )
-        self.steps[end] = LinearStep(node, chain, tuple(relevant), weight, info)
+        nonnegative = all(node.inputs[i] in self.nonnegative for i in relevant)
+        self.steps[end] = LinearStep(node, chain, tuple(relevant), weight, info, nonnegative)
 
     def _absorb(self, value: Value) -> list[Node]:
         """The single-use chain of affine ops (and reshapes between them) after a linear map."""
@@ -313,3 +323,40 @@ class _Planner:
                 extras.append(v)
         nodes = sorted(members, key=self.order.__getitem__)
         return PassStep(source, nodes, output, extras)
+
+
+def _nonnegative_const(atom: Atom) -> bool:
+    return isinstance(atom, Const) and bool(np.all(np.asarray(atom.value) >= 0))
+
+
+def _is_relu_jaxpr(jaxpr) -> bool:
+    """Whether a call's single output is `max(x, c)` with a constant c >= 0 (nested calls too)."""
+    if len(jaxpr.outvars) != 1 or not jaxpr.eqns:
+        return False
+    last = jaxpr.eqns[-1]
+    if last.outvars[0] is not jaxpr.outvars[0]:
+        return False
+    if last.primitive.name == "max":
+        return any(isinstance(v, core.Literal) and np.all(np.asarray(v.val) >= 0) for v in last.invars)
+    inner = last.params.get("jaxpr", last.params.get("call_jaxpr"))
+    return inner is not None and _is_relu_jaxpr(getattr(inner, "jaxpr", inner))
+
+
+def _nonnegative_values(program: Program) -> set[Value]:
+    """Values that are >= 0 by construction: ReLU outputs and what max-pooling, reshapes and
+    slicing make of them. Rules use it to skip the negative half of an input."""
+    out: set[Value] = set()
+    for node in program.nodes:
+        floats = [a for a in node.inputs if is_float(a)]
+        if node.name == "max":
+            keep = any(_nonnegative_const(a) or a in out for a in node.inputs)
+        elif node.elementwise and node.name not in ELEMENTWISE:
+            inner = node.params.get("jaxpr", node.params.get("call_jaxpr"))
+            keep = _is_relu_jaxpr(getattr(inner, "jaxpr", inner))
+        elif node.name in KEEP_SIGN:
+            keep = bool(floats) and all(a in out or _nonnegative_const(a) for a in floats)
+        else:
+            keep = False
+        if keep:
+            out.update(v for v in node.outputs if is_float(v))
+    return out

@@ -106,6 +106,18 @@ def _ones(inputs: Inputs) -> Inputs:
     return jax.tree.map(jnp.ones_like, inputs)
 
 
+def _by_sign(layer: Layer, inputs: Inputs, for_positive, for_negative):
+    """`(z, s ↦ R_in)` for `z = x⁺·A + x⁻·B`, `R_in = x⁺ ⊙ (s·A) + x⁻ ⊙ (s·B)`, with `A`, `B`
+    the layer's modified maps. Inputs known to be non-negative (after a ReLU) skip the x⁻ half."""
+    xp = _pos(inputs)
+    z, back_p = _linearize(for_positive, xp)
+    if layer.nonnegative_inputs:
+        return z, lambda s: _mul(xp, back_p(s))
+    xn = _neg(inputs)
+    z_n, back_n = _linearize(for_negative, xn)
+    return z + z_n, lambda s: _add(_mul(xp, back_p(s)), _mul(xn, back_n(s)))
+
+
 def _concrete(value) -> np.ndarray | None:
     """The value as a NumPy array, or None when it is traced (and so cannot be checked here)."""
     if isinstance(value, jax.core.Tracer):
@@ -136,8 +148,8 @@ class Epsilon(Rule):
     epsilon: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
-        z, back = _linearize(layer.modified(), inputs)
-        s = _divide(relevance, stabilize(z + layer.bias, self.epsilon))
+        _, back = _linearize(layer.modified(), inputs)
+        s = _divide(relevance, stabilize(layer.z(inputs), self.epsilon))
         return _mul(inputs, back(s))
 
 
@@ -152,11 +164,9 @@ class ZPlus(Rule):
     stabilizer: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
-        xp, xn = _pos(inputs), _neg(inputs)
-        zp, back_p = _linearize(layer.modified(positive_part), xp)
-        zn, back_n = _linearize(layer.modified(negative_part), xn)
-        s = _divide(relevance, stabilize(zp + zn + jnp.maximum(layer.bias, 0), self.stabilizer))
-        return _add(_mul(xp, back_p(s)), _mul(xn, back_n(s)))
+        positive, negative = layer.modified(positive_part), layer.modified(negative_part)
+        z, back = _by_sign(layer, inputs, positive, negative)
+        return back(_divide(relevance, stabilize(z + jnp.maximum(layer.bias, 0), self.stabilizer)))
 
 
 @_rule
@@ -186,18 +196,12 @@ class AlphaBeta(Rule):
             )
 
     def __call__(self, layer, inputs, relevance):
-        xp, xn = _pos(inputs), _neg(inputs)
         positive, negative = layer.modified(positive_part), layer.modified(negative_part)
-        z_pp, back_pp = _linearize(positive, xp)
-        z_nn, back_nn = _linearize(negative, xn)
-        z_pn, back_pn = _linearize(negative, xp)
-        z_np, back_np = _linearize(positive, xn)
-        bias = layer.bias
-        s_a = _divide(relevance, stabilize(z_pp + z_nn + jnp.maximum(bias, 0), self.stabilizer))
-        s_b = _divide(relevance, stabilize(z_pn + z_np + jnp.minimum(bias, 0), self.stabilizer))
-        r_alpha = _add(_mul(xp, back_pp(s_a)), _mul(xn, back_nn(s_a)))
-        r_beta = _add(_mul(xp, back_pn(s_b)), _mul(xn, back_np(s_b)))
-        return _sub(_scale(self.alpha, r_alpha), _scale(self.beta, r_beta))
+        z_alpha, back_alpha = _by_sign(layer, inputs, positive, negative)
+        z_beta, back_beta = _by_sign(layer, inputs, negative, positive)
+        s_alpha = _divide(relevance, stabilize(z_alpha + jnp.maximum(layer.bias, 0), self.stabilizer))
+        s_beta = _divide(relevance, stabilize(z_beta + jnp.minimum(layer.bias, 0), self.stabilizer))
+        return _sub(_scale(self.alpha, back_alpha(s_alpha)), _scale(self.beta, back_beta(s_beta)))
 
 
 @_rule
@@ -220,20 +224,12 @@ class Gamma(Rule):
         bias = layer.bias
         b_p = bias + gamma * jnp.maximum(bias, 0)
         b_n = bias + gamma * jnp.minimum(bias, 0)
-        xp, xn = _pos(inputs), _neg(inputs)
-        z = layer.modified()(inputs) + bias
-        zp_p, back_pp = _linearize(w_p, xp)
-        zn_n, back_nn = _linearize(w_n, xn)
-        zp_n, back_pn = _linearize(w_n, xp)
-        zn_p, back_np = _linearize(w_p, xn)
-        s_up = _divide(relevance * (z > 0), stabilize(zp_p + zn_n + b_p, self.stabilizer))
-        s_down = _divide(relevance * (z < 0), stabilize(zp_n + zn_p + b_n, self.stabilizer))
-        return _add(
-            _mul(xp, back_pp(s_up)),
-            _mul(xn, back_nn(s_up)),
-            _mul(xp, back_pn(s_down)),
-            _mul(xn, back_np(s_down)),
-        )
+        z = layer.z(inputs)
+        z_up, back_up = _by_sign(layer, inputs, w_p, w_n)
+        z_down, back_down = _by_sign(layer, inputs, w_n, w_p)
+        s_up = _divide(relevance * (z > 0), stabilize(z_up + b_p, self.stabilizer))
+        s_down = _divide(relevance * (z < 0), stabilize(z_down + b_n, self.stabilizer))
+        return _add(back_up(s_up), back_down(s_down))
 
 
 @_rule
