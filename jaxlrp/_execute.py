@@ -10,7 +10,6 @@ of a function of the relevance reaches them through the backward pass.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -114,8 +113,7 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
 
     def backward(xs, others, output, relevance):
         local = dict(zip(params, others["params"]))
-        layer = _layer(step, local, lambda inputs, w: _structural(step.chain, linear_map(local, inputs, w)))
-        layer = dataclasses.replace(layer, output=output, nonnegative_inputs=step.nonnegative)
+        layer = _layer(step, local, lambda inputs, w: _structural(step.chain, linear_map(local, inputs, w)), output)
         return others["rule"](layer, xs, relevance)
 
     relevant = tuple(_read(env, a) for a in relevant_atoms)
@@ -130,7 +128,7 @@ def _structural(chain: Sequence[Node], y):
     return y
 
 
-def _layer(step: LinearStep, local: dict, linear: Callable) -> Layer:
+def _layer(step: LinearStep, local: dict, linear: Callable, output) -> Layer:
     """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`."""
     scale = shift = None
     y = step.first.outputs[0]
@@ -146,7 +144,8 @@ def _layer(step: LinearStep, local: dict, linear: Callable) -> Layer:
         folded = _fold_into_weight(step, weight, jnp.asarray(scale))
         if folded is not None:
             weight, scale = folded, None
-    return Layer(linear, weight, scale, shift)
+    signs = (1, -1) if step.first.name == "sub" else (1,) * len(step.relevant)
+    return Layer(linear, weight, output, scale, shift, signs, step.nonnegative)
 
 
 def _fold_into_weight(step: LinearStep, weight, scale):

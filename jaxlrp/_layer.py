@@ -40,37 +40,32 @@ class Layer:
     Attributes:
       linear: `(inputs, weight) -> y`, linear in `inputs`; `weight` is `None` when `self.weight` is.
       weight: the parameter operand of the linear map, or `None` for a fixed map such as a sum.
+      output: the layer's forward value `z`, as the model computed it.
       scale: elementwise factor on the output not folded into the weight, or `None`.
       shift: the merged bias, or `None` for zero.
-      output: the layer's forward value `z` as the model computed it, or `None`.
+      signs: for a fixed map, the sign of each input's implicit weight (`a - b`: +1, -1).
       nonnegative_inputs: the inputs are known to be >= 0 (they come from a ReLU or max-pooling
         of one), so rules may skip their negative part.
     """
 
     linear: Callable[[Inputs, jax.Array | None], jax.Array]
     weight: jax.Array | None
+    output: jax.Array
     scale: jax.Array | None = None
     shift: jax.Array | None = None
-    output: jax.Array | None = None
+    signs: tuple[int, ...] = (1,)
     nonnegative_inputs: bool = False
-
-    def z(self, inputs: Inputs) -> jax.Array:
-        """The output `z = x·W' + b'`: the forward value when known, else recomputed."""
-        return self.output if self.output is not None else self.modified()(inputs) + self.bias
 
     def modified(self, f: Modifier = _identity) -> Callable[[Inputs], jax.Array]:
         """`x ↦ L(x; f(W'))` for an elementwise, positively homogeneous `f` (no bias)."""
-        if self.weight is None:  # W = 1: f(a·1) = a⁺·f(1) − a⁻·f(−1)
+        if self.weight is None:
 
-            def fixed(inputs):
-                y = self.linear(inputs, None)
-                one = jnp.ones((), y.dtype)
+            def coefficient(sign):
                 if self.scale is None:
-                    return f(one).astype(y.dtype) * y
-                factor = jnp.maximum(self.scale, 0) * f(one) - jnp.minimum(self.scale, 0) * f(-one)
-                return factor.astype(y.dtype) * y
+                    return f(sign)
+                return jnp.maximum(self.scale, 0) * f(sign) - jnp.minimum(self.scale, 0) * f(-sign)
 
-            return fixed
+            return lambda inputs: self._fixed(inputs, coefficient)
         dtype = self.weight.dtype
         if self.scale is None:
             weight = f(self.weight).astype(dtype)
@@ -79,14 +74,30 @@ class Layer:
         a_pos, a_neg = jnp.maximum(self.scale, 0), jnp.minimum(self.scale, 0)
         return lambda inputs: a_pos * self.linear(inputs, up) - a_neg * self.linear(inputs, down)
 
+    def _fixed(self, inputs: Inputs, coefficient) -> jax.Array:
+        """A fixed map whose input k has the implicit weight `sign_k` (times the scale), each
+        replaced by `coefficient(sign_k)`: `Σ_k coefficient(s_k)·x_k`, where `x_k` spread by the
+        map is `s_k·L(x_k alone)`."""
+        total = 0.0
+        for k, sign in enumerate(self.signs):
+            alone = tuple(x if j == k else jnp.zeros_like(x) for j, x in enumerate(inputs))
+            y = self.linear(alone, None)
+            s = jnp.asarray(sign, y.dtype)
+            total = total + (coefficient(s) * s).astype(y.dtype) * y
+        return total
+
     def squared(self, inputs: Inputs) -> jax.Array:
         """`x ↦ x·W'²` (elementwise square of the merged weight)."""
-        y = self.linear(inputs, None if self.weight is None else jnp.square(self.weight))
+        if self.weight is None:
+            return self._fixed(inputs, lambda s: jnp.ones_like(s) if self.scale is None else jnp.square(self.scale))
+        y = self.linear(inputs, jnp.square(self.weight))
         return y if self.scale is None else jnp.square(self.scale) * y
 
     def ones(self, inputs: Inputs) -> jax.Array:
         """`x ↦ x·1`: every weight one, the same connectivity (padding, stride, groups)."""
-        return self.linear(inputs, None if self.weight is None else jnp.ones_like(self.weight))
+        if self.weight is None:
+            return self._fixed(inputs, jnp.ones_like)
+        return self.linear(inputs, jnp.ones_like(self.weight))
 
     @property
     def bias(self) -> jax.Array | float:

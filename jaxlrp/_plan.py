@@ -38,20 +38,21 @@ from jaxlrp._program import ELEMENTWISE, Atom, Const, Node, Program, Value
 from jaxlrp._table import LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
-FIXED_PRIMITIVES = {"reduce_sum": "sum", "reduce_window_sum": "avg_pool"}
+FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool"}
 AFFINE = frozenset("add sub mul div neg".split())
+SCALING = frozenset("mul div neg".split())
 STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
 GRADIENT = frozenset(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice
     dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
-    reduce_window_min argmax argmin copy copy_p convert_element_type reduce_precision split
-    sort cumsum cummax cummin squeeze stop_gradient optimization_barrier""".split()
+    reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
+    stop_gradient optimization_barrier""".split()
 )
-TAPS = frozenset("gather dynamic_slice take".split())
+TAPS = frozenset("gather dynamic_slice".split())
 # Ops whose output is >= 0 when their float operands are (selections, reshapes, max-pooling).
 KEEP_SIGN = frozenset(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice gather
-    pad rev reduce_max reduce_window_max copy copy_p convert_element_type""".split()
+    pad rev reduce_max reduce_window_max copy convert_element_type""".split()
 )
 
 
@@ -108,7 +109,6 @@ class Plan:
     program: Program
     steps: dict[Node, object]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
-    output_active: list[bool]
 
     def linear_steps(self) -> list[LinearStep]:
         """All linear layers in execution order, scan bodies included."""
@@ -126,7 +126,7 @@ class Plan:
 
 
 class UnsupportedOperation(ValueError):
-    pass
+    """The model uses an operation on the explained input that jaxlrp has no rule for."""
 
 
 Describe = Callable[[str], tuple[str, type | None]]
@@ -151,10 +151,18 @@ class _Planner:
         self.order = {node: i for i, node in enumerate(program.nodes)}
 
     def is_active(self, atom: Atom) -> bool:
+        """Depends on the explained input (through any path, integer ones included)."""
         return isinstance(atom, Value) and atom in self.active
 
+    def carries(self, atom: Atom) -> bool:
+        """Carries relevance: a float value that depends on the input through float values.
+
+        A mask made from the input's comparisons, or a `stop_gradient` of it, is a constant to
+        LRP: relevance does not flow into it."""
+        return isinstance(atom, Value) and atom in self.carrying
+
     def plan(self, active: list[bool]) -> Plan:
-        self.active = self._activity(active)
+        self._flow(active)
         self.nonnegative = _nonnegative_values(self.program)
         self.source: dict[Value, Value] = {}
         self.region: dict[Node, Value] = {}  # region node -> its source
@@ -165,32 +173,45 @@ class _Planner:
             if node not in self.absorbed:
                 self._classify(node)
         self._add_pass_steps()
-        return Plan(self.program, self.steps, self.skipped, self.output_active())
+        return Plan(self.program, self.steps, self.skipped)
 
-    def output_active(self) -> list[bool]:
-        return [self.is_active(a) for a in self.program.outputs]
+    def output_carries(self) -> list[bool]:
+        return [self.carries(a) for a in self.program.outputs]
 
-    def _activity(self, active: list[bool]) -> set[Value]:
-        """The values that depend on the active inputs."""
+    def _flow(self, active: list[bool]) -> None:
+        """Which values depend on the active inputs, and which of those carry relevance."""
         self.active = {v for v, a in zip(self.program.inputs, active) if a}
+        self.carrying = {v for v in self.active if is_float(v)}
         for node in self.program.nodes:
             if node.name == "scan":
-                flags = self._scan_flags(node)
                 body = _Planner(node.body, self.describe)
-                body.active = body._activity(flags)
-                self.active.update(v for v, a in zip(node.outputs, body.output_active()) if a)
+                body._flow(self._scan_flags(node))
+                outs = [v for v, c in zip(node.outputs, body.output_carries()) if c]
+                self.active.update(outs)
+                self.carrying.update(outs)
             elif any(self.is_active(a) for a in node.inputs):
                 self.active.update(node.outputs)
-        return self.active
+                starts = self._is_embedding(node)  # relevance starts at an embedding lookup
+                if starts or (node.name != "stop_gradient" and any(self.carries(a) for a in node.inputs)):
+                    self.carrying.update(v for v in node.outputs if is_float(v))
+
+    def _is_embedding(self, node: Node) -> bool:
+        """A gather of float rows from a parameter table by integer ids that depend on the input."""
+        return (
+            node.name in TAPS
+            and is_float(node.outputs[0])
+            and not self.is_active(node.inputs[0])
+            and any(self.is_active(a) and not is_float(a) for a in node.inputs[1:])
+        )
 
     def _scan_flags(self, node: Node) -> list[bool]:
-        """Which scan body inputs are active: consts and xs as given, the carry to a fixed point."""
+        """Which scan body inputs carry relevance: consts and xs as given, the carry to a fixed point."""
         n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
-        flags = [self.is_active(a) for a in node.inputs]
+        flags = [self.carries(a) for a in node.inputs]
         while True:
             body = _Planner(node.body, self.describe)
-            body.active = body._activity(flags)
-            carry_out = body.output_active()[:n_carry]
+            body._flow(flags)
+            carry_out = body.output_carries()[:n_carry]
             new = [f or (n_consts <= i < n_consts + n_carry and carry_out[i - n_consts]) for i, f in enumerate(flags)]
             if new == flags:
                 return flags
@@ -205,14 +226,11 @@ class _Planner:
         return where + (f" ({module.__name__})" if module is not None else "")
 
     def _classify(self, node: Node) -> None:
-        active_in = [i for i, a in enumerate(node.inputs) if self.is_active(a)]
-        if not active_in:
-            return
-        relevant = tuple(i for i in active_in if is_float(node.inputs[i]))
+        relevant = tuple(i for i, a in enumerate(node.inputs) if self.carries(a))
         out = node.outputs[0]
         name = node.name
         if not relevant:
-            if name in TAPS and is_float(out) and not self.is_active(node.inputs[0]):
+            if self._is_embedding(node):
                 taps = [s for s in self.steps.values() if isinstance(s, TapStep)]
                 self.steps[node] = TapStep(node, len(taps))
             return
@@ -221,7 +239,7 @@ class _Planner:
             return
         sources = {self.src(node.inputs[i]) for i in relevant}
         same_shapes = all(node.inputs[i].shape == out.shape for i in relevant)
-        if name in WEIGHTED_PRIMITIVES and len(active_in) == 1:
+        if name in WEIGHTED_PRIMITIVES and len(relevant) == 1:
             weight = 1 - relevant[0]
             self._linear(node, relevant, weight, WEIGHTED_PRIMITIVES[name])
         elif name in FIXED_PRIMITIVES:
@@ -245,7 +263,9 @@ class _Planner:
             )
 
     def _linear(self, node: Node, relevant, weight, kind: str) -> None:
-        chain = self._absorb(node.outputs[0])
+        # A weighted layer takes in its bias and a BatchNorm; a fixed map (a sum, a pooling
+        # window) only a constant factor such as a mean's division: a BatchNorm after it Passes.
+        chain = self._absorb(node.outputs[0], AFFINE if weight is not None else SCALING)
         *inner, end = [node, *chain]
         self.absorbed.update(chain)
         self.skipped.update(inner)
@@ -266,8 +286,8 @@ class _Planner:
         nonnegative = all(node.inputs[i] in self.nonnegative for i in relevant)
         self.steps[end] = LinearStep(node, chain, tuple(relevant), weight, info, nonnegative)
 
-    def _absorb(self, value: Value) -> list[Node]:
-        """The single-use chain of affine ops (and reshapes between them) after a linear map."""
+    def _absorb(self, value: Value, ops: frozenset) -> list[Node]:
+        """The single-use chain of `ops` (and reshapes between them) after a linear map."""
         chain: list[Node] = []
         while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
             user = self.uses[value][0]
@@ -275,9 +295,9 @@ class _Planner:
             if user.name in STRUCTURAL and len(user.inputs) == 1:
                 pass
             elif (
-                user.name in AFFINE
+                user.name in ops
                 and sum(a is value for a in user.inputs) == 1
-                and not any(self.is_active(a) for a in others)
+                and not any(self.carries(a) for a in others)
                 and all(is_float(a) for a in others)
                 and user.outputs[0].shape == value.shape
                 and not (user.name == "div" and user.inputs[0] is not value)

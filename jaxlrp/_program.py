@@ -18,7 +18,7 @@ from jax._src import core
 # Primitives that act element by element: output element i depends on input element i only.
 ELEMENTWISE = frozenset(
     """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
-    copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag
+    copy cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag
     integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or
     pow real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh
     xor""".split()
@@ -111,11 +111,11 @@ def _join(outer: str, inner: str) -> str:
     return "/".join(s for s in (outer, inner) if s)
 
 
-def from_closed_jaxpr(closed: core.ClosedJaxpr) -> Program:
+def from_closed_jaxpr(closed: core.ClosedJaxpr, scope: str = "") -> Program:
     inputs = [Value(v.aval) for v in closed.jaxpr.invars]
     nodes: list[Node] = []
     consts = [Const(c) for c in closed.consts]
-    outputs = _inline(closed.jaxpr, consts, inputs, nodes, "")
+    outputs = _inline(closed.jaxpr, consts, inputs, nodes, scope)
     return Program(inputs, outputs, nodes)
 
 
@@ -135,7 +135,7 @@ def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> l
             inner, inner_consts = _sub_jaxpr(eqn)
             outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
         else:
-            body = from_closed_jaxpr(eqn.params["jaxpr"]) if name == "scan" else None
+            body = from_closed_jaxpr(eqn.params["jaxpr"], eqn_scope) if name == "scan" else None
             outs = tuple(Value(v.aval) for v in eqn.outvars)
             elementwise = _is_elementwise_eqn(eqn)
             nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body))

@@ -6,9 +6,8 @@ import dataclasses
 
 # Layer kinds. Weighted layers are "dense" (dot_general with one parameter operand) and "conv"
 # (conv_general_dilated, transposed convolutions included). Fixed linear maps are "sum" (a
-# residual add of two activations, `jnp.sum`, `jnp.mean`) and "avg_pool" (`nn.avg_pool`).
-# "activation" is an elementwise function of one activation; "product" the elementwise
-# product of two.
+# residual add or difference of two activations, `jnp.sum`, `jnp.mean`, `jnp.cumsum`) and
+# "avg_pool" (`nn.avg_pool`).
 WEIGHTED = ("dense", "conv")
 FIXED = ("sum", "avg_pool")
 
@@ -21,7 +20,7 @@ class LayerInfo:
       path: the `/`-joined module path (Linen), attribute path (NNX) or `jax.named_scope`
         path (plain functions) of the module that holds the layer.
       module: the module's class, or `None` for a plain function.
-      kind: one of "dense", "conv", "sum", "avg_pool", "activation", "product".
+      kind: one of "dense", "conv", "sum", "avg_pool".
       merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
         division) that belong to other modules.
       input_shapes: the shapes of the layer's relevance-carrying inputs.

@@ -37,7 +37,11 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
     * a float array of the output's shape: the initial relevance itself.
 
     `explain` is a pure function: it composes with `jax.jit`, `jax.vmap`, `jax.grad` and
-    sharding. `apply_kwargs` go to `model.apply` (Linen) or the module call (NNX). For a model
+    sharding. Under `jax.jit`, the stateful NNX form bakes the weights in as constants: jit the
+    GraphDef form (or use `nnx.jit`) to pass them as arguments. To try new hyperparameters
+    without recompiling, build the composite inside the jitted function from traced values
+    (`jax.jit(lambda eps, v, x: lrp(model, EpsilonPlus(epsilon=eps))(v, x))`).
+    `apply_kwargs` go to `model.apply` (Linen) or the module call (NNX). For a model
     whose input is integer token ids, relevance is read at the embedding output and summed over
     the feature axis, one value per token. NNX models are explained in eval mode, on a copy.
 
@@ -92,8 +96,9 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
     _check_composite(composite)
 
     def explain(*args, target=None):
-        x, others = args[argnums], (*args[:argnums], *args[argnums + 1 :])
-        trace = functools.partial(_function.trace, fn, argnums)
+        position = argnums % len(args)
+        x, others = args[position], (*args[:position], *args[position + 1 :])
+        trace = functools.partial(_function.trace, fn, position)
         return _output_and_relevance(trace, others, x, composite, target)[1]
 
     return explain
@@ -155,8 +160,9 @@ def _check_input(x) -> None:
             f"jaxlrp explains floating-point inputs (or integer token ids for models that start with "
             f"an embedding), got an input of dtype {dtype}."
         )
-    if jnp.issubdtype(dtype, jnp.floating) and not isinstance(x, jax.core.Tracer):
-        if not np.all(np.isfinite(np.asarray(x))):
+    concrete = not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+    if jnp.issubdtype(dtype, jnp.floating) and concrete:
+        if not bool(jnp.all(jnp.isfinite(x))):
             raise ValueError(
                 "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
                 "Clean the input first (under jit this cannot be checked and NaN propagates)."

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from jaxlrp import rules as _rules
-from jaxlrp._table import WEIGHTED, LayerInfo
+from jaxlrp._table import FIXED, WEIGHTED, LayerInfo
 
 __all__ = [
     "Composite",
@@ -62,6 +62,8 @@ def _matches(key, info: LayerInfo) -> bool:
     if isinstance(key, tuple):
         return any(_matches(k, info) for k in key)
     if isinstance(key, str):
+        if key not in WEIGHTED + FIXED:
+            raise ValueError(f"Unknown layer kind {key!r} in a LayerMap; the kinds are {WEIGHTED + FIXED}.")
         return info.kind == key
     if isinstance(key, type):
         return info.kind in WEIGHTED and info.module is not None and issubclass(info.module, key)
@@ -84,7 +86,7 @@ class LayerMap(Composite):
             first = {WEIGHTED: first}
         self.first = None if first is None else dict(first)
         for key in [*self.mapping, *(self.first or {})]:
-            _matches(key, LayerInfo("", None, ""))  # validates the key
+            _matches(key, LayerInfo("", None, "dense"))  # validates the key
         for rule in [*self.mapping.values(), *(self.first or {}).values()]:
             if not isinstance(rule, Rule) and rule is not None:
                 raise TypeError(f"LayerMap values must be jaxlrp.rules.Rule instances, got {rule!r}.")
@@ -200,9 +202,7 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> L
     )
 
 
-def EpsilonGammaBox(
-    low=-3.0, high=3.0, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6
-) -> LayerMap:
+def EpsilonGammaBox(low, high, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6) -> LayerMap:
     """Conv: Gamma(γ); dense: Epsilon; the first conv layer: ZBox(low, high) (zennit's
     `EpsilonGammaBox`). `low`/`high` bound the input, e.g. the normalized pixel range."""
     return LayerMap(

@@ -125,3 +125,8 @@ def test_errors_change_nothing(setup):
         jaxlrp.lrp(MODEL, composites.LayerMap({"conv": rules.ZPlus()}))(variables, x)
     jax.tree.map(np.testing.assert_array_equal, variables, before)
     assert jnp.asarray(jaxlrp.lrp(MODEL, composites.EpsilonPlus())(variables, x)).shape == x.shape
+
+
+def test_unknown_layer_kind():
+    with pytest.raises(ValueError, match="Unknown layer kind 'Dense'"):
+        composites.LayerMap({"Dense": rules.Epsilon()})

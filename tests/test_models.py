@@ -234,3 +234,67 @@ def test_name_map_and_combine():
     by_type = composites.LayerMap({nn.Conv: rules.Flat(), nn.Dense: rules.Epsilon()})
     assert [type(r).__name__ for r in jaxlrp.rule_table(model, by_type, variables, x).rules] == [
         "Flat", "Flat", "Norm", "Norm", "Epsilon"]
+
+
+def test_batchnorm_after_a_mean_passes_instead_of_merging():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(6, use_bias=False)(x))
+            h = jnp.mean(h.reshape(h.shape[0], 3, 2), axis=-1)
+            h = nn.BatchNorm(use_running_average=True, use_bias=False)(h)
+            return nn.Dense(2, use_bias=False)(h)
+
+    model = Net()
+    variables, x = models.init(model, (2, 4))
+    table = jaxlrp.rule_table(model, composites.LayerMap({"dense": rules.Epsilon(0.0)}), variables, x)
+    assert [(info.kind, info.merged) for info in table.layers] == [("dense", ()), ("sum", ()), ("dense", ())]
+
+
+def _fn_relevance(fn, rule, x, target):
+    return jaxlrp.lrp_fn(lambda _, x: fn(x), composites.LayerMap({"sum": rule}))(None, x, target=target)
+
+
+def test_difference_of_two_activations_has_weights_plus_and_minus_one():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 6), jnp.float64)
+
+    def diff(x):
+        return x[:, :3] - x[:, 3:]
+
+    R = jax.random.normal(jax.random.PRNGKey(1), (4, 3), jnp.float64)
+    a, b = x[:, :3], x[:, 3:]
+    for rule in (rules.Flat(0.0), rules.WSquare(0.0)):  # |w| = 1 for both inputs
+        np.testing.assert_allclose(_fn_relevance(diff, rule, x, R), jnp.concatenate([R / 2, R / 2], -1), rtol=1e-12)
+    z = jnp.maximum(a, 0) - jnp.minimum(b, 0)  # z+ rule: a⁺·(+1) + b⁻·(-1); zero z gives zero
+    s = jnp.where(z == 0, 0, R / jnp.where(z == 0, 1, z))
+    expected = jnp.concatenate([jnp.maximum(a, 0) * s, -jnp.minimum(b, 0) * s], -1)
+    np.testing.assert_allclose(_fn_relevance(diff, rules.ZPlus(0.0), x, R), expected, rtol=1e-12)
+    np.testing.assert_allclose(_fn_relevance(diff, rules.Norm(0.0), x, R),
+                               jnp.concatenate([a * R / (a - b), -b * R / (a - b)], -1), rtol=1e-12)
+
+
+def test_masks_and_stop_gradient_are_constants():
+    def net(params, x):
+        h = x @ params
+        h = h * (h > 0).astype(h.dtype)  # a ReLU written with a mask
+        h = 2.0 * h - jax.lax.stop_gradient(h.mean(-1, keepdims=True))  # shift by a constant
+        return h.sum(-1, keepdims=True)
+
+    params = jax.random.normal(jax.random.PRNGKey(0), (5, 4), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5), jnp.float64)
+    out = net(params, x)
+    relevance = jaxlrp.lrp_fn(net, composites.LayerMap({"dense": rules.Epsilon(0.0)}))(params, x, target=0)
+    # mask and shift Pass, the sum is Norm (stabilizer 1e-6), the matmul LRP-0: the relevance
+    # reaches x; none leaks into the mask or the stopped mean
+    np.testing.assert_allclose(relevance.sum(-1), out[:, 0], rtol=1e-5)
+
+
+def test_cumsum_is_a_sum():
+    def net(params, x):
+        return jnp.cumsum(x @ params, axis=-1)
+
+    params = jnp.abs(jax.random.normal(jax.random.PRNGKey(0), (5, 4), jnp.float64))
+    x = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (3, 5), jnp.float64))
+    out = net(params, x)
+    relevance = jaxlrp.lrp_fn(net, composites.LayerMap({"dense": rules.Epsilon(0.0)}))(params, x, target=3)
+    np.testing.assert_allclose(relevance.sum(-1), out[:, 3], rtol=1e-5)  # Norm's stabilizer 1e-6

@@ -166,3 +166,22 @@ def test_dtypes(dtype):
     relevance = jaxlrp.lrp(MODEL.clone(), composites.EpsilonPlusFlat())(variables, x.astype(dtype))
     assert relevance.dtype == dtype and relevance.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(relevance.astype(jnp.float32))))
+
+
+def test_grad_wrt_a_composite_with_alpha_beta(setup):
+    variables, x = setup
+    composite = composites.EpsilonAlpha2Beta1()
+    grads = jax.grad(lambda c: jnp.sum(jaxlrp.lrp(MODEL, c)(variables, x, target=0) ** 2))(composite)
+    assert isinstance(grads, composites.LayerMap)
+    assert all(bool(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_lrp_fn_negative_argnums():
+    def fn(params, x):
+        return x @ params
+
+    params = jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4), jnp.float64)
+    composite = composites.LayerMap({"dense": rules.Epsilon()})
+    np.testing.assert_allclose(jaxlrp.lrp_fn(fn, composite, argnums=-1)(params, x),
+                               jaxlrp.lrp_fn(fn, composite, argnums=1)(params, x))
