@@ -1,16 +1,19 @@
 """From a flat program to a relevance plan: which nodes form which LRP layer.
 
-Values that depend on the explained input are *activations*; everything else (parameters,
-batch statistics, constants, what is computed from them) is computed as it is. Each node that
-touches an activation is classified, in execution order:
+Float values that depend on the explained input through float values are *activations*: they
+carry relevance. Everything else (parameters, batch statistics, constants, masks made from
+comparisons of the input, `stop_gradient` values, what is computed from them) is computed as
+it is and acts as a constant. Each node that reads an activation is classified, in execution
+order:
 
-* a `dot_general` or `conv_general_dilated` with one activation and one parameter operand
-  starts a weighted layer ("dense", "conv"); a `reduce_sum`, `reduce_window_sum` or an
-  add/sub of two different activations starts a fixed linear layer ("sum", "avg_pool").
-  The layer absorbs the chain that follows it while each value has a single use: elementwise
-  affine ops with a parameter operand (bias, BatchNorm in inference mode, division by a
-  constant) and reshapes between them. That is how BatchNorm gets merged into the layer
-  that feeds it, and a mean becomes one averaging layer.
+* a `dot_general` or `conv_general_dilated` with one activation and one constant operand (the
+  weight) starts a weighted layer ("dense", "conv"); a `reduce_sum`, `cumsum`,
+  `reduce_window_sum` or an add/sub of two different activations starts a fixed linear layer
+  ("sum", "avg_pool"). The layer absorbs the chain that follows it while each value has a
+  single use: for a weighted layer, elementwise affine ops with a constant operand (bias,
+  BatchNorm in inference mode, scaling); for a fixed map, only scaling (a mean's division);
+  and reshapes between them. That is how BatchNorm gets merged into the layer that feeds it,
+  and a mean becomes one averaging layer.
 * an elementwise op whose activation operands all derive elementwise from one *source* joins
   that source's elementwise region; every region value used outside its region becomes one
   Pass step from the source (activation functions, a BatchNorm that no layer feeds, scaling
