@@ -2,12 +2,14 @@
 
 NNX has no method interceptor. `nnx.merge(graphdef, state)` builds a new copy of the model
 inside the traced function; each module of that copy (never the user's) gets a one-off
-subclass whose `__call__` opens a `jax.named_scope` naming a record of the module's
-attribute path and class. The copy is put in eval mode (BatchNorm uses its running averages,
+subclass whose `__call__` and public methods (such as `Embed.attend`) open a
+`jax.named_scope` naming a record of the module's attribute path and class. The copy is put in eval mode (BatchNorm uses its running averages,
 dropout is off), so no statistic is updated and no RNG stream advanced.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import flax.nnx as nnx
 import jax
@@ -15,14 +17,30 @@ import jax
 from jaxlrp._linen import describe_marks, mark_scope
 
 
-def _mark(module: nnx.Module, index: int) -> None:
-    cls = type(module)
+# nnx.Module's own methods (eval, train, sow, ...) are not model computations.
+_NNX_API = frozenset(name for name in dir(nnx.Module) if not name.startswith("_"))
 
-    def __call__(self, *args, **kwargs):
+
+def _marked(method, index: int):
+    def call(self, *args, **kwargs):
         with mark_scope(index):
-            return cls.__call__(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
-    module.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return call
+
+
+def _mark(module: nnx.Module, index: int) -> None:
+    """Gives `module` (a copy's) a one-off subclass whose public methods and `__call__` mark
+    the name stack with record `index`."""
+    cls = type(module)
+    methods = {
+        name: _marked(getattr(cls, name), index)
+        for name in dir(cls)
+        if (name == "__call__" or not name.startswith("_"))
+        and inspect.isfunction(getattr(cls, name, None))
+        and name not in _NNX_API
+    }
+    module.__class__ = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__})
 
 
 def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict):

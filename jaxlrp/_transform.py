@@ -108,7 +108,7 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     """The rule each layer of `model` gets under `composite`, in execution order.
 
     `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
-    an NNX module, `(state, x)` for an NNX GraphDef. `print` the table to see each layer's
+    an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)` for a function `fn(params, x)`. `print` the table to see each layer's
     path, module class, kind, rule and the modules merged into it (BatchNorm, a mean's division).
     """
     _check_composite(composite)
@@ -137,10 +137,15 @@ def _binding(model, apply_kwargs: dict) -> Callable:
         def bind(variables, x):
             return functools.partial(_linen.trace, model, apply_kwargs=apply_kwargs), variables, x
 
+    elif callable(model) and not apply_kwargs:  # a plain function fn(params, x), as lrp_fn(fn, c)
+
+        def bind(params, x):
+            return functools.partial(_function.trace, model, 1), (params,), x
+
     else:
         raise TypeError(
-            f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs (jaxlrp.lrp), and plain "
-            f"functions (jaxlrp.lrp_fn); got {type(model).__name__}."
+            f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs, and plain functions "
+            f"fn(params, x) (jaxlrp.lrp_fn for other signatures); got {type(model).__name__}."
         )
     return bind
 

@@ -200,3 +200,35 @@ def test_plain_function_layer_map_and_name_map():
         params, x, target=1))
     with pytest.raises(ValueError, match="no rule for layer 'hidden'"):
         jaxlrp.lrp_fn(mlp, composites.NameMap({"out": rules.Epsilon()}))(params, x)
+
+
+def test_tied_embedding_head_is_credited_to_the_embedding():
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(11, 4, rngs=rngs)
+            self.mix = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, ids):
+            h = nnx.relu(self.mix(self.embed(ids).mean(axis=1)))
+            return self.embed.attend(h)  # logits through the tied embedding matrix
+
+    model = Tied(nnx.Rngs(0))
+    ids = jnp.array([[1, 4, 2], [3, 0, 10]])
+    table = jaxlrp.rule_table(model, composites.EpsilonPlus(), ids)
+    assert [(info.path, info.type_name, info.kind) for info in table.layers] == [
+        ("", "Tied", "sum"), ("mix", "nnx.Linear", "dense"), ("embed", "nnx.Embed", "dense")]
+    assert jaxlrp.lrp(model, composites.EpsilonPlus())(ids).shape == ids.shape
+
+
+def test_rule_table_and_lrp_accept_a_function_of_params_and_x():
+    def mlp(params, x):
+        with jax.named_scope("hidden"):
+            x = jax.nn.relu(x @ params["w1"])
+        return x @ params["w2"]
+
+    params = {"w1": jnp.ones((4, 5)), "w2": jnp.ones((5, 3))}
+    x = jnp.arange(8.0).reshape(2, 4)
+    table = jaxlrp.rule_table(mlp, composites.EpsilonPlus(), params, x)
+    assert [info.path for info in table.layers] == ["hidden", ""]
+    np.testing.assert_allclose(jaxlrp.lrp(mlp, composites.EpsilonPlus())(params, x),
+                               jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())(params, x))
