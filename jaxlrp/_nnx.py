@@ -3,8 +3,9 @@
 NNX has no method interceptor. `nnx.merge(graphdef, state)` builds a new copy of the model
 inside the traced function; each module of that copy (never the user's) gets a one-off
 subclass whose `__call__` and public methods (such as `Embed.attend`) open a
-`jax.named_scope` naming a record of the module's attribute path and class. The copy is put in eval mode (BatchNorm uses its running averages,
-dropout is off), so no statistic is updated and no RNG stream advanced.
+`jax.named_scope` naming a record of the module's attribute path and class. The copy is put
+in eval mode (BatchNorm uses its running averages, dropout is off), so no statistic is
+updated and no RNG stream advanced.
 """
 
 from __future__ import annotations

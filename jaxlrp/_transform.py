@@ -108,8 +108,9 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     """The rule each layer of `model` gets under `composite`, in execution order.
 
     `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
-    an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)` for a function `fn(params, x)`. `print` the table to see each layer's
-    path, module class, kind, rule and the modules merged into it (BatchNorm, a mean's division).
+    an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)` for a function
+    `fn(params, x)`. `print` the table to see each layer's path, module class, kind, rule and
+    the modules merged into it (BatchNorm, a mean's division).
     """
     _check_composite(composite)
     trace, params, x = _binding(model, apply_kwargs)(*inputs)
