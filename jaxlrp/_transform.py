@@ -29,6 +29,8 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
     * NNX GraphDef (from `graphdef, state = nnx.split(model)`): `explain(state, x,
       target=None)`, the pure form: under `jax.jit` the weights are arguments, not constants,
       so one compiled function serves every weight set, and `state` can be sharded.
+    * A plain function `fn(params, x)`: `explain(params, x, target=None)` (see `lrp_fn` for
+      other signatures).
 
     `target` says where relevance starts:
 
