@@ -7,7 +7,8 @@ it is and acts as a constant. Each node that reads an activation is classified, 
 order:
 
 * a `dot_general` or `conv_general_dilated` with one activation and one constant operand (the
-  weight) starts a weighted layer ("dense", "conv"); a `reduce_sum`, `cumsum`,
+  weight) starts a weighted layer ("dense", "conv"), or a fixed one ("sum") when no parameter
+  enters the weight (`jax.image.resize`); a `reduce_sum`, `cumsum`,
   `reduce_window_sum` or an add/sub of two different activations starts a fixed linear layer
   ("sum", "avg_pool"). The layer absorbs the chain that follows it while each value has a
   single use: for a weighted layer, elementwise affine ops with a constant operand (bias,
@@ -182,10 +183,14 @@ class _Planner:
         return [self.carries(a) for a in self.program.outputs]
 
     def _flow(self, active: list[bool]) -> None:
-        """Which values depend on the active inputs, and which of those carry relevance."""
+        """Which values depend on the active inputs, which of those carry relevance, and which
+        depend on the parameters (the other inputs) rather than on constants alone."""
         self.active = {v for v, a in zip(self.program.inputs, active) if a}
         self.carrying = {v for v in self.active if is_float(v)}
+        self.learned = {v for v, a in zip(self.program.inputs, active) if not a}
         for node in self.program.nodes:
+            if any(isinstance(a, Value) and a in self.learned for a in node.inputs):
+                self.learned.update(node.outputs)
             if node.name == "scan":
                 body = _Planner(node.body, self.describe)
                 body._flow(self._scan_flags(node))
@@ -244,7 +249,9 @@ class _Planner:
         same_shapes = all(node.inputs[i].shape == out.shape for i in relevant)
         if name in WEIGHTED_PRIMITIVES and len(relevant) == 1:
             weight = 1 - relevant[0]
-            self._linear(node, relevant, weight, WEIGHTED_PRIMITIVES[name])
+            # A constant matrix that no parameter enters (jax.image.resize) is a fixed map.
+            learned = isinstance(node.inputs[weight], Value) and node.inputs[weight] in self.learned
+            self._linear(node, relevant, weight, WEIGHTED_PRIMITIVES[name] if learned else "sum")
         elif name in FIXED_PRIMITIVES:
             self._linear(node, relevant, None, FIXED_PRIMITIVES[name])
         elif node.elementwise and len(sources) == 1 and same_shapes and is_float(out):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 # Layer kinds. Weighted layers are "dense" (dot_general with one parameter operand) and "conv"
-# (conv_general_dilated, transposed convolutions included). Fixed linear maps are "sum" (a
-# residual add or difference of two activations, `jnp.sum`, `jnp.mean`, `jnp.cumsum`) and
-# "avg_pool" (`nn.avg_pool`).
+# (conv_general_dilated, transposed convolutions included) whose weight comes from the
+# parameters. Fixed linear maps are "sum" (a residual add or difference of two activations,
+# `jnp.sum`, `jnp.mean`, `jnp.cumsum`, a matmul with a constant matrix as in
+# `jax.image.resize`) and "avg_pool" (`nn.avg_pool`).
 WEIGHTED = ("dense", "conv")
 FIXED = ("sum", "avg_pool")
 

@@ -298,3 +298,18 @@ def test_cumsum_is_a_sum():
     out = net(params, x)
     relevance = jaxlrp.lrp_fn(net, composites.LayerMap({"dense": rules.Epsilon(0.0)}))(params, x, target=3)
     np.testing.assert_allclose(relevance.sum(-1), out[:, 3], rtol=1e-5)  # Norm's stabilizer 1e-6
+
+
+def test_a_matmul_with_a_constant_matrix_is_a_fixed_map():
+    class Upsample(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(2, (3, 3))(x))
+            x = jax.image.resize(x, (x.shape[0], 8, 8, 2), "bilinear")
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    variables, x = models.init(Upsample(), (1, 4, 4, 1))
+    table = jaxlrp.rule_table(Upsample(), composites.EpsilonPlusFlat(), variables, x)
+    kinds = [info.kind for info in table.layers]
+    assert kinds[0] == "conv" and kinds[-1] == "dense" and set(kinds[1:-1]) == {"sum"}
+    assert isinstance(table.rules[0], rules.Flat) and all(isinstance(r, rules.Norm) for r in table.rules[1:-1])
