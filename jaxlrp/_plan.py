@@ -153,6 +153,7 @@ class _Planner:
             if isinstance(a, Value):
                 self.uses[a].append(None)
         self.order = {node: i for i, node in enumerate(program.nodes)}
+        self.producer = {v: node for node in program.nodes for v in node.outputs}
 
     def is_active(self, atom: Atom) -> bool:
         """Depends on the explained input (through any path, integer ones included)."""
@@ -337,7 +338,6 @@ class _Planner:
     def _region_step(self, source: Value, output: Value) -> PassStep:
         members: set[Node] = set()
         extras: list[Value] = []
-        producer = {v: n for n in self.program.nodes for v in n.outputs}
         stack = [output]
         seen = set()
         while stack:
@@ -345,7 +345,7 @@ class _Planner:
             if v in seen or v is source:
                 continue
             seen.add(v)
-            n = producer.get(v)
+            n = self.producer.get(v)
             if n is not None and self.region.get(n) is source:
                 members.add(n)
                 stack.extend(a for a in n.inputs if isinstance(a, Value))

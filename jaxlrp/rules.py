@@ -88,11 +88,11 @@ def _divide(relevance, denominator):
 
 
 def _pos(t):
-    return jax.tree.map(lambda v: jnp.maximum(v, 0), t)
+    return jax.tree.map(positive_part, t)
 
 
 def _neg(t):
-    return jax.tree.map(lambda v: jnp.minimum(v, 0), t)
+    return jax.tree.map(negative_part, t)
 
 
 def _mul(a, b):
