@@ -12,13 +12,14 @@ See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how lay
 from jaxlrp import composites, rules
 from jaxlrp._plan import UnsupportedOperation
 from jaxlrp._table import LayerInfo, RuleTable
-from jaxlrp._transform import lrp, lrp_fn, output_and_lrp, rule_table
+from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerInfo",
     "RuleTable",
+    "UnmergedAffineWarning",
     "UnsupportedOperation",
     "composites",
     "lrp",

@@ -18,15 +18,34 @@ import numpy as np
 from jax import lax
 
 from jaxlrp._layer import Layer
-from jaxlrp._plan import STRUCTURAL, LinearStep, PassStep, Plan, ProductStep, ScanStep, TapStep
+from jaxlrp._plan import STRUCTURAL, VALUE_PRESERVING, LinearStep, PassStep, Plan, ProductStep, ScanStep, TapStep
 from jaxlrp._program import Atom, Const, Node, Value
 
 
 def _zero_cotangent(x):
     dtype = jnp.result_type(x)
     if jnp.issubdtype(dtype, jnp.inexact):
-        return jnp.zeros(jnp.shape(x), dtype)
+        return _typed_like(jnp.zeros(jnp.shape(x), dtype), x)
     return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def _typed_like(cotangent, primal):
+    """`cotangent` with the type of `primal`: its dtype and, inside `jax.shard_map`, its set of
+    varying manual axes (summed over the axes it should not vary along, as JAX's own transpose
+    of an implicit broadcast does; broadcast along those it should)."""
+    want, have = _varying_axes(primal), _varying_axes(cotangent)
+    if have - want:
+        cotangent = jax.lax.psum(cotangent, tuple(sorted(have - want)))
+    if want - have:
+        cotangent = jax.lax.pcast(cotangent, tuple(sorted(want - have)), to="varying")
+    return cotangent.astype(jnp.result_type(primal))
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes along which `x` varies inside `jax.shard_map` (empty outside)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others) -> jax.Array:
@@ -49,7 +68,7 @@ def relevance_call(forward: Callable, backward: Callable, relevant: tuple, other
     def call_bwd(residuals, relevance):
         relevant, leaves, output = residuals
         out = backward(relevant, treedef.unflatten(leaves), output, relevance)
-        out = tuple(r.astype(x.dtype) for r, x in zip(out, relevant))
+        out = tuple(_typed_like(r, x) for r, x in zip(out, relevant))
         return out, [_zero_cotangent(leaf) for leaf in leaves]
 
     call.defvjp(call_fwd, call_bwd)
@@ -89,7 +108,8 @@ def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None) -
 
 
 def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
-    first, nodes = step.first, [step.first, *step.chain]
+    first = step.first
+    nodes = [*step.nodes, *step.chain]
     relevant_atoms = tuple(first.inputs[i] for i in step.relevant)
     internal = {n.outputs[0] for n in nodes}
     # Every value the layer reads besides its relevant inputs: weight, bias, statistics.
@@ -98,27 +118,46 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
         if isinstance(a, Value) and a not in internal and a not in relevant_atoms and a not in params:
             params.append(a)
 
-    def linear_map(local: dict, xs, weight=None):
-        given = dict(zip(step.relevant, xs))
-        args = [given[i] if i in given else _read(local, a) for i, a in enumerate(first.inputs)]
-        if weight is not None:
-            args[step.weight] = weight
-        return first.bind(*args)[0]
+    def linear_map(local: dict, xs, weight=None, dtype=None):
+        """The layer's linear map of `xs` (its relevant inputs), with `weight` if given."""
+        local = {**local, **{first.inputs[i]: x for i, x in zip(step.relevant, xs)}}
+        for node in step.nodes:
+            args = [_read(local, a) for a in node.inputs]
+            if node is step.weighted and weight is not None:
+                args[step.weight] = weight
+            (local[node.outputs[0]],) = node.bind(*args, dtype=dtype)
+        return local[step.weighted.outputs[0]]
 
     def forward(xs, others):
         local = dict(zip(params, others["params"]))
-        local[first.outputs[0]] = linear_map(local, xs)
+        local[step.weighted.outputs[0]] = linear_map(local, xs)
         _evaluate(step.chain, local)
         return local[step.output]
 
     def backward(xs, others, output, relevance):
-        local = dict(zip(params, others["params"]))
-        layer = _layer(step, local, lambda inputs, w: _structural(step.chain, linear_map(local, inputs, w)), output)
-        return others["rule"](layer, xs, relevance)
+        # The rule works in float32 or wider, whatever the model's dtype (bfloat16, float16).
+        dtype = _wide_dtype(*xs)
+        xs, output, relevance = _cast((xs, output, relevance), dtype)
+        local = dict(zip(params, _cast(others["params"], dtype)))
+
+        def linear(inputs, w):
+            return _structural(step.chain, linear_map(local, inputs, w, dtype))
+
+        return others["rule"](_layer(step, local, linear, output), xs, relevance)
 
     relevant = tuple(_read(env, a) for a in relevant_atoms)
     others = {"params": [env[a] for a in params], "rule": rule}
     return relevance_call(forward, backward, relevant, others)
+
+
+def _wide_dtype(*xs) -> np.dtype:
+    """The dtype rules compute in: float32, or the inputs' own when wider (float64)."""
+    return jnp.promote_types(jnp.float32, jnp.result_type(*xs))
+
+
+def _cast(tree, dtype):
+    """Floating-point leaves of `tree` cast to `dtype`; others unchanged."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def _structural(chain: Sequence[Node], y):
@@ -129,17 +168,18 @@ def _structural(chain: Sequence[Node], y):
 
 
 def _layer(step: LinearStep, local: dict, linear: Callable, output) -> Layer:
-    """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`."""
+    """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`;
+    dtype conversions count as nothing."""
     scale = shift = None
-    y = step.first.outputs[0]
+    y = step.weighted.outputs[0]
     for node in step.chain:
         if node.name in STRUCTURAL:  # applies to the scale and shift too
             scale = None if scale is None else node.bind(jnp.broadcast_to(scale, y.shape))[0]
             shift = None if shift is None else node.bind(jnp.broadcast_to(shift, y.shape))[0]
-        else:
+        elif node.name not in VALUE_PRESERVING:
             scale, shift = _fold(node, y, scale, shift, local)
         y = node.outputs[0]
-    weight = None if step.weight is None else _read(local, step.first.inputs[step.weight])
+    weight = None if step.weight is None else _read(local, step.weighted.inputs[step.weight])
     if weight is not None and scale is not None:
         folded = _fold_into_weight(step, weight, jnp.asarray(scale))
         if folded is not None:
@@ -152,12 +192,12 @@ def _fold_into_weight(step: LinearStep, weight, scale):
     """`W·a` when the scale `a` varies only along the output features, else None."""
     if scale.ndim == 0:
         return weight * scale.astype(weight.dtype)
-    out = step.first.outputs[0]
+    out = step.weighted.outputs[0]
     if scale.ndim != len(out.shape) or any(s not in (1, n) for s, n in zip(scale.shape, out.shape)):
         return None
     varying = {i for i, n in enumerate(scale.shape) if n != 1}
-    params = step.first.params
-    if step.first.name == "conv_general_dilated" and step.weight == 1 and params["batch_group_count"] == 1:
+    params = step.weighted.params
+    if step.weighted.name == "conv_general_dilated" and step.weight == 1 and params["batch_group_count"] == 1:
         numbers = params["dimension_numbers"]
         output_features, kernel_features = numbers.out_spec[1], numbers.rhs_spec[0]
         if not varying <= {output_features}:
@@ -165,7 +205,7 @@ def _fold_into_weight(step: LinearStep, weight, scale):
         shape = [1] * weight.ndim
         shape[kernel_features] = scale.shape[output_features]
         return weight * scale.reshape(shape).astype(weight.dtype)
-    if step.first.name == "dot_general" and step.weight == 1:
+    if step.weighted.name == "dot_general" and step.weight == 1:
         (_, contracting), (_, batch) = params["dimension_numbers"]
         free = [d for d in range(weight.ndim) if d not in contracting and d not in batch]
         if batch or not varying <= set(range(scale.ndim - len(free), scale.ndim)):

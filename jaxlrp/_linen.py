@@ -9,9 +9,13 @@ the module's path and class; every primitive traced inside carries that scope, w
 from __future__ import annotations
 
 import contextlib
+import inspect
 
+import flax
 import flax.linen as nn
 import jax
+
+from jaxlrp._program import Traced
 
 _MARK = "jaxlrp~"
 
@@ -31,8 +35,8 @@ def describe_marks(records: list[tuple[str, type]], root=("", None)):
     return describe
 
 
-def trace(module: nn.Module, variables, x, apply_kwargs: dict):
-    """Returns `(closed_jaxpr of (variables, x) -> output, describe(scope) -> (path, class))`."""
+def trace(module: nn.Module, variables, x, apply_kwargs: dict) -> Traced:
+    """Traces `module.apply(variables, x, **apply_kwargs)` with its module calls marked."""
     records: list[tuple[str, type]] = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -46,5 +50,30 @@ def trace(module: nn.Module, variables, x, apply_kwargs: dict):
         with nn.intercept_methods(interceptor):
             return module.apply(variables, x, **apply_kwargs)
 
-    closed = jax.make_jaxpr(apply)(variables, x)
-    return closed, describe_marks(records, root=("", type(module)))
+    try:
+        closed = jax.make_jaxpr(apply)(variables, x)
+    except flax.errors.ModifyScopeVariableError as error:
+        raise ValueError(_training_mode_message(module, apply_kwargs, error)) from error
+    return Traced(closed, jax.tree.leaves(variables), describe_marks(records, root=("", type(module))))
+
+
+# Arguments by which Flax models commonly switch between training and inference.
+_MODE_ARGUMENTS = {"train": False, "training": False, "is_training": False, "deterministic": True,
+                   "use_running_average": True, "eval": True, "inference": True}
+
+
+def _training_mode_message(module: nn.Module, apply_kwargs: dict, error: Exception) -> str:
+    """What to pass so that `module` runs in inference mode."""
+    parameters = inspect.signature(type(module).__call__).parameters
+    named = [f"{name}={value}" for name, value in _MODE_ARGUMENTS.items() if name in parameters]
+    fix = (
+        f"pass {' or '.join(named)} to jaxlrp (jaxlrp.lrp(model, composite, {named[0]}))"
+        if named
+        else "build the model in inference mode (nn.BatchNorm(use_running_average=True), "
+        "nn.Dropout(deterministic=True))"
+    )
+    given = f" with {apply_kwargs}" if apply_kwargs else ""
+    return (
+        f"jaxlrp: {type(module).__name__}{given} runs in training mode: it updates a variable "
+        f"({error}). LRP explains a model in inference mode: {fix}."
+    )

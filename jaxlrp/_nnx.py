@@ -16,6 +16,7 @@ import flax.nnx as nnx
 import jax
 
 from jaxlrp._linen import describe_marks, mark_scope
+from jaxlrp._program import Traced
 
 
 # nnx.Module's own methods (eval, train, sow, ...) are not model computations.
@@ -44,8 +45,8 @@ def _mark(module: nnx.Module, index: int) -> None:
     module.__class__ = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__})
 
 
-def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict):
-    """Returns `(closed_jaxpr of (state, x) -> output, describe(scope) -> (path, class))`."""
+def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict) -> Traced:
+    """Traces the model built from `(graphdef, state)` on `x`, with its module calls marked."""
     records: list[tuple[str, type]] = []
 
     def apply(state, x):
@@ -58,4 +59,4 @@ def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict):
         return model(x, **call_kwargs)
 
     closed = jax.make_jaxpr(apply)(state, x)
-    return closed, describe_marks(records)
+    return Traced(closed, jax.tree.leaves(state), describe_marks(records))

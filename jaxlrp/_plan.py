@@ -8,23 +8,29 @@ order:
 
 * a `dot_general` or `conv_general_dilated` with one activation and one constant operand (the
   weight) starts a weighted layer ("dense", "conv"), or a fixed one ("sum") when no parameter
-  enters the weight (`jax.image.resize`); a `reduce_sum`, `cumsum`,
+  enters the weight (`jax.image.resize`, `stop_gradient(attention) @ v`); a patch extraction
+  (a convolution with a constant kernel) that feeds a dense map is one "conv" layer with it
+  (`nn.ConvLocal`); a `reduce_sum`, `cumsum`,
   `reduce_window_sum` or an add/sub of two different activations starts a fixed linear layer
   ("sum", "avg_pool"). The layer absorbs the chain that follows it while each value has a
   single use: for a weighted layer, elementwise affine ops with a constant operand (bias,
   BatchNorm in inference mode, scaling); for a fixed map, only scaling (a mean's division);
-  and reshapes between them. That is how BatchNorm gets merged into the layer that feeds it,
-  and a mean becomes one averaging layer.
+  and reshapes and dtype conversions between them. That is how BatchNorm gets merged into the
+  layer that feeds it (in mixed precision too), and a mean becomes one averaging layer.
 * an elementwise op whose activation operands all derive elementwise from one *source* joins
   that source's elementwise region; every region value used outside its region becomes one
   Pass step from the source (activation functions, a BatchNorm that no layer feeds, scaling
-  by a constant, `x * sigmoid(x)`).
+  by a constant, `x * sigmoid(x)`). A region that applies a per-feature affine map with
+  learned operands (a BatchNorm that no layer feeds) is reported: a row of the rule table and
+  a warning, never a silent Pass.
 * the product of two different activations splits relevance evenly (a "product").
 * selections (max pooling, `max`, slicing, reshapes, concatenation, padding, gathers) keep
   their gradient: relevance follows the selected values.
 * a gather of a parameter table by integer activations (an embedding lookup) is a *tap*:
   relevance is read off its output.
 * `scan` gets a plan of its own for its body.
+Only values whose relevance reaches the output are planned: what feeds a `stop_gradient`
+alone (`stop_gradient(softmax(q @ k.T))`) is computed as it is and needs no rule.
 Anything else that touches an activation is an error naming the primitive and module.
 """
 
@@ -32,20 +38,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from jax._src import core
 
 from jaxlrp._program import ELEMENTWISE, Atom, Const, Node, Program, Value
-from jaxlrp._table import LayerInfo
+from jaxlrp._table import AFFINE_KIND, LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
+WEIGHTED_KINDS = frozenset(WEIGHTED_PRIMITIVES.values())
 FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool"}
 AFFINE = frozenset("add sub mul div neg".split())
 SCALING = frozenset("mul div neg".split())
 STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
+# Ops that keep every value (up to rounding): a layer's chain absorbs them as if absent.
+VALUE_PRESERVING = frozenset("convert_element_type copy copy_p".split())
 GRADIENT = frozenset(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice
     dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
@@ -67,28 +76,44 @@ def is_float(atom: Atom) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class LinearStep:
-    """A weighted or fixed linear layer: `first` node, then its absorbed `chain`."""
+    """A weighted or fixed linear layer: its linear map (`nodes`), then its absorbed `chain`.
 
-    first: Node
+    `nodes` is usually one node; a patch extraction before a dense map (`nn.ConvLocal`) makes
+    two or more. The relevant inputs are those of `nodes[0]`, the weight an input of `nodes[-1]`.
+    """
+
+    nodes: list[Node]
     chain: list[Node]
-    relevant: tuple[int, ...]  # positions in first.inputs that carry relevance
-    weight: int | None  # position of the parameter operand, None for fixed maps
+    relevant: tuple[int, ...]  # positions in nodes[0].inputs that carry relevance
+    weight: int | None  # position of the parameter operand in nodes[-1].inputs, None for fixed maps
     info: LayerInfo
     nonnegative: bool = False  # every relevant input is >= 0 by construction (a ReLU's output)
 
     @property
+    def first(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def weighted(self) -> Node:
+        return self.nodes[-1]
+
+    @property
     def output(self) -> Value:
-        return (self.chain[-1] if self.chain else self.first).outputs[0]
+        return (self.chain[-1] if self.chain else self.weighted).outputs[0]
 
 
 @dataclasses.dataclass(eq=False)
 class PassStep:
-    """An elementwise region from `source` to `output`: relevance passes unchanged."""
+    """An elementwise region from `source` to `output`: relevance passes unchanged.
+
+    `info` describes the region when it applies a per-feature affine map with learned operands
+    that no layer absorbed (a BatchNorm that no layer feeds): the rule table shows it."""
 
     source: Value
     nodes: list[Node]
     output: Value
     extras: list[Value]  # other values the region reads (parameters, masks)
+    info: LayerInfo | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,13 +141,18 @@ class Plan:
 
     def linear_steps(self) -> list[LinearStep]:
         """All linear layers in execution order, scan bodies included."""
+        return [s for s in self.table_steps() if isinstance(s, LinearStep)]
+
+    def table_steps(self) -> list[LinearStep | PassStep]:
+        """The rows of the rule table in execution order: linear layers and reported affine
+        regions, scan bodies included."""
         out = []
         for node in self.program.nodes:
             step = self.steps.get(node)
-            if isinstance(step, LinearStep):
+            if isinstance(step, LinearStep) or (isinstance(step, PassStep) and step.info is not None):
                 out.append(step)
             elif isinstance(step, ScanStep):
-                out.extend(step.body.linear_steps())
+                out.extend(step.body.table_steps())
         return out
 
     def taps(self) -> list[TapStep]:
@@ -136,14 +166,21 @@ class UnsupportedOperation(ValueError):
 Describe = Callable[[str], tuple[str, type | None]]
 
 
-def make_plan(program: Program, active: list[bool], describe: Describe) -> Plan:
-    return _Planner(program, describe).plan(active)
+def make_plan(
+    program: Program, active: list[bool], describe: Describe, names: Sequence[tuple[str, ...]] | None = None
+) -> Plan:
+    """Plans `program`, whose inputs flagged `active` are explained. `describe(scope)` gives the
+    module path and class of a name stack; `names`, when given, the names of each input (the
+    key path of a parameter in its pytree), by which a layer is also known."""
+    named = {} if names is None else dict(zip(program.inputs, names))
+    return _Planner(program, describe, named).plan(active)
 
 
 class _Planner:
-    def __init__(self, program: Program, describe: Describe):
+    def __init__(self, program: Program, describe: Describe, names: dict[Value, tuple[str, ...]]):
         self.program = program
         self.describe = describe
+        self.names = names
         self.uses: dict[Value, list[Node | None]] = defaultdict(list)
         for node in program.nodes:
             for a in node.inputs:
@@ -168,6 +205,7 @@ class _Planner:
 
     def plan(self, active: list[bool]) -> Plan:
         self._flow(active)
+        self._keep_needed()
         self.nonnegative = _nonnegative_values(self.program)
         self.source: dict[Value, Value] = {}
         self.region: dict[Node, Value] = {}  # region node -> its source
@@ -193,7 +231,7 @@ class _Planner:
             if any(isinstance(a, Value) and a in self.learned for a in node.inputs):
                 self.learned.update(node.outputs)
             if node.name == "scan":
-                body = _Planner(node.body, self.describe)
+                body = self._body_planner(node)
                 body._flow(self._scan_flags(node))
                 outs = [v for v, c in zip(node.outputs, body.output_carries()) if c]
                 self.active.update(outs)
@@ -203,6 +241,15 @@ class _Planner:
                 starts = self._is_embedding(node)  # relevance starts at an embedding lookup
                 if starts or (node.name != "stop_gradient" and any(self.carries(a) for a in node.inputs)):
                     self.carrying.update(v for v in node.outputs if is_float(v))
+
+    def _keep_needed(self) -> None:
+        """Drops from `carrying` the values whose relevance cannot reach an output (what feeds
+        a `stop_gradient` alone): they are computed as they are and need no rule."""
+        needed = {a for a in self.program.outputs if isinstance(a, Value)}
+        for node in reversed(self.program.nodes):
+            if node.name != "stop_gradient" and any(v in needed for v in node.outputs):
+                needed.update(a for a in node.inputs if isinstance(a, Value))
+        self.carrying &= needed
 
     def _is_embedding(self, node: Node) -> bool:
         """A gather of float rows from a parameter table by integer ids that depend on the input."""
@@ -218,13 +265,17 @@ class _Planner:
         n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
         flags = [self.carries(a) for a in node.inputs]
         while True:
-            body = _Planner(node.body, self.describe)
+            body = self._body_planner(node)
             body._flow(flags)
             carry_out = body.output_carries()[:n_carry]
             new = [f or (n_consts <= i < n_consts + n_carry and carry_out[i - n_consts]) for i, f in enumerate(flags)]
             if new == flags:
                 return flags
             flags = new
+
+    def _body_planner(self, node: Node) -> _Planner:
+        names = {b: self.names[a] for b, a in zip(node.body.inputs, node.inputs) if a in self.names}
+        return _Planner(node.body, self.describe, names)
 
     def src(self, value: Value) -> Value:
         return self.source.get(value, value)
@@ -250,17 +301,22 @@ class _Planner:
         same_shapes = all(node.inputs[i].shape == out.shape for i in relevant)
         if name in WEIGHTED_PRIMITIVES and len(relevant) == 1:
             weight = 1 - relevant[0]
-            # A constant matrix that no parameter enters (jax.image.resize) is a fixed map.
-            learned = isinstance(node.inputs[weight], Value) and node.inputs[weight] in self.learned
-            self._linear(node, relevant, weight, WEIGHTED_PRIMITIVES[name] if learned else "sum")
+            local = self._local_conv(node, weight)
+            if local is not None:  # nn.ConvLocal: patch extraction, then a dense map per position
+                nodes, weight = local
+                self._linear(nodes, relevant, weight, "conv")
+            elif self._is_learned(node.inputs[weight]):
+                self._linear([node], relevant, weight, WEIGHTED_PRIMITIVES[name])
+            else:  # a constant matrix that no parameter enters (jax.image.resize) is a fixed map
+                self._linear([node], relevant, weight, "sum")
         elif name in FIXED_PRIMITIVES:
-            self._linear(node, relevant, None, FIXED_PRIMITIVES[name])
+            self._linear([node], relevant, None, FIXED_PRIMITIVES[name])
         elif node.elementwise and len(sources) == 1 and same_shapes and is_float(out):
             (source,) = sources
             self.source[out] = source
             self.region[node] = source
         elif name in ("add", "sub") and len(relevant) == 2:
-            self._linear(node, relevant, None, "sum")
+            self._linear([node], relevant, None, "sum")
         elif name == "mul" and len(relevant) == 2:
             self.steps[node] = ProductStep(node)
         elif name in GRADIENT or (node.elementwise and not is_float(out)):
@@ -273,38 +329,79 @@ class _Planner:
                 f"concatenation and padding."
             )
 
-    def _linear(self, node: Node, relevant, weight, kind: str) -> None:
+    def _is_learned(self, atom: Atom) -> bool:
+        """Computed from the parameters and not from the input (a weight, a statistic)."""
+        return isinstance(atom, Value) and atom in self.learned and atom not in self.active
+
+    def _local_conv(self, node: Node, weight: int) -> tuple[list[Node], int] | None:
+        """`([patches, reshapes..., dot], weight position)` when `node` extracts patches (a
+        convolution with a constant kernel) that feed, through reshapes only, a dense map with a
+        learned weight (`nn.ConvLocal`); else None."""
+        if node.name != "conv_general_dilated" or self._is_learned(node.inputs[weight]):
+            return None
+        nodes, value = [node], node.outputs[0]
+        while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
+            user = self.uses[value][0]
+            nodes.append(user)
+            if user.name == "dot_general" and sum(a is value for a in user.inputs) == 1:
+                other = next(i for i, a in enumerate(user.inputs) if a is not value)
+                return (nodes, other) if self._is_learned(user.inputs[other]) else None
+            if user.name not in STRUCTURAL:
+                return None
+            value = user.outputs[0]
+        return None
+
+    def _linear(self, nodes: list[Node], relevant, weight, kind: str) -> None:
         # A weighted layer takes in its bias and a BatchNorm; a fixed map (a sum, a pooling
         # window) only a constant factor such as a mean's division: a BatchNorm after it Passes.
-        chain = self._absorb(node.outputs[0], AFFINE if weight is not None else SCALING)
-        *inner, end = [node, *chain]
-        self.absorbed.update(chain)
+        first, last = nodes[0], nodes[-1]
+        chain = self._absorb(last.outputs[0], AFFINE if kind in WEIGHTED_KINDS else SCALING)
+        *inner, end = [*nodes, *chain]
+        self.absorbed.update([*nodes[1:], *chain])
         self.skipped.update(inner)
-        path, module = self.describe(node.scope)
+        path, module = self.describe(last.scope)
         merged = []
         for n in chain:
             other, _ = self.describe(n.scope)
-            if other != path and other not in merged:
+            if other != path and other not in merged and self._merges(n):
                 merged.append(other)
         info = LayerInfo(
             path=path,
             module=module,
             kind=kind,
             merged=tuple(merged),
-            input_shapes=tuple(tuple(node.inputs[i].shape) for i in relevant),
+            input_shapes=tuple(tuple(first.inputs[i].shape) for i in relevant),
             output_shape=tuple(end.outputs[0].shape),
+            names=self._weight_names(last.inputs[weight]) if kind in WEIGHTED_KINDS else (),
         )
-        nonnegative = all(node.inputs[i] in self.nonnegative for i in relevant)
-        self.steps[end] = LinearStep(node, chain, tuple(relevant), weight, info, nonnegative)
+        nonnegative = all(first.inputs[i] in self.nonnegative for i in relevant)
+        self.steps[end] = LinearStep(nodes, chain, tuple(relevant), weight, info, nonnegative)
+
+    @staticmethod
+    def _merges(node: Node) -> bool:
+        """Whether an absorbed node computes something (not a dtype conversion or reshape)."""
+        return node.name not in STRUCTURAL and node.name not in VALUE_PRESERVING
+
+    def _weight_names(self, weight: Atom) -> tuple[str, ...]:
+        """The names of the parameter a weight is read from, through conversions and reshapes."""
+        while isinstance(weight, Value) and weight not in self.names:
+            node = self.producer.get(weight)
+            values = [] if node is None else [a for a in node.inputs if isinstance(a, Value)]
+            if len(values) != 1 or not (node.name in STRUCTURAL or node.name in VALUE_PRESERVING):
+                return ()
+            weight = values[0]
+        return self.names.get(weight, ())
 
     def _absorb(self, value: Value, ops: frozenset) -> list[Node]:
-        """The single-use chain of `ops` (and reshapes between them) after a linear map."""
+        """The single-use chain of `ops` (and reshapes and dtype conversions between them)
+        after a linear map."""
         chain: list[Node] = []
         while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
             user = self.uses[value][0]
             others = [a for a in user.inputs if a is not value]
-            if user.name in STRUCTURAL and len(user.inputs) == 1:
-                pass
+            if (user.name in STRUCTURAL or user.name in VALUE_PRESERVING) and len(user.inputs) == 1:
+                if not is_float(user.outputs[0]):
+                    break
             elif (
                 user.name in ops
                 and sum(a is value for a in user.inputs) == 1
@@ -318,12 +415,12 @@ class _Planner:
                 break
             chain.append(user)
             value = user.outputs[0]
-        while chain and chain[-1].name in STRUCTURAL:
+        while chain and not self._merges(chain[-1]):
             chain.pop()
         return chain
 
     def _scan(self, node: Node) -> None:
-        body = _Planner(node.body, self.describe).plan(self._scan_flags(node))
+        body = self._body_planner(node).plan(self._scan_flags(node))
         self.steps[node] = ScanStep(node, body)
 
     def _add_pass_steps(self) -> None:
@@ -352,7 +449,20 @@ class _Planner:
             elif v not in extras:
                 extras.append(v)
         nodes = sorted(members, key=self.order.__getitem__)
-        return PassStep(source, nodes, output, extras)
+        return PassStep(source, nodes, output, extras, self._affine_info(nodes, source, output))
+
+    def _affine_info(self, nodes: list[Node], source: Value, output: Value) -> LayerInfo | None:
+        """A row for the rule table when the region applies an affine map with a learned operand
+        (`x·a + b`, a BatchNorm that no layer feeds) outside a piecewise choice (PReLU's
+        `where(x > 0, x, a·x)` is an activation)."""
+        for node in nodes:
+            if node.name in AFFINE and any(self._is_learned(a) for a in node.inputs) and not any(
+                u is not None and u.name == "select_n" for u in self.uses[node.outputs[0]]
+            ):
+                path, module = self.describe(node.scope)
+                shape = tuple(output.shape)
+                return LayerInfo(path, module, AFFINE_KIND, input_shapes=(tuple(source.shape),), output_shape=shape)
+        return None
 
 
 def _nonnegative_const(atom: Atom) -> bool:

@@ -11,6 +11,7 @@ one rule) and `scan`, whose body becomes a nested `Program`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from jax._src import core
@@ -70,10 +71,28 @@ class Node:
     def name(self) -> str:
         return self.primitive.name
 
-    def bind(self, *args):
-        """Runs the primitive on concrete or traced arguments; returns a list of outputs."""
-        out = self.primitive.bind(*args, **self.primitive.get_bind_params(self.params))
+    def bind(self, *args, dtype=None):
+        """Runs the primitive on concrete or traced arguments; returns a list of outputs.
+
+        With `dtype`, an accumulation dtype that the node asks for (`preferred_element_type`
+        of a matmul or convolution) becomes `dtype`: for arguments cast to a wider type."""
+        params = self.params
+        if dtype is not None and params.get("preferred_element_type") is not None:
+            params = {**params, "preferred_element_type": dtype}
+        out = self.primitive.bind(*args, **self.primitive.get_bind_params(params))
         return list(out) if self.primitive.multiple_results else [out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """What a binding makes of a model: its jaxpr over `(*params, x)`, the array parameters in
+    that order, `describe(scope) -> (module path, class)` for a name stack, and, where the
+    binding knows them, each parameter's names (`LayerInfo.names`)."""
+
+    closed: core.ClosedJaxpr
+    params: list
+    describe: Callable[[str], tuple[str, type | None]]
+    names: list[tuple[str, ...]] | None = None
 
 
 @dataclasses.dataclass(eq=False)

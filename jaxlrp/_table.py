@@ -11,6 +11,9 @@ import dataclasses
 # `jax.image.resize`) and "avg_pool" (`nn.avg_pool`).
 WEIGHTED = ("dense", "conv")
 FIXED = ("sum", "avg_pool")
+# An elementwise affine map with learned operands that no layer absorbed (a BatchNorm that no
+# dense or conv layer feeds): relevance passes through it, and the rule table shows it.
+AFFINE_KIND = "affine"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +24,15 @@ class LayerInfo:
       path: the `/`-joined module path (Linen), attribute path (NNX) or `jax.named_scope`
         path (plain functions) of the module that holds the layer.
       module: the module's class, or `None` for a plain function.
-      kind: one of "dense", "conv", "sum", "avg_pool".
+      kind: one of "dense", "conv", "sum", "avg_pool", or "affine" (a reported pass-through).
       merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
         division) that belong to other modules.
       input_shapes: the shapes of the layer's relevance-carrying inputs.
       output_shape: the shape of its output.
+      names: for a function's layer, the names of its weight in the parameter pytree: its key
+        path as `jax.tree_util.keystr` writes it (`['w1']`, `.layers[3].weight`), then the
+        same `/`-joined (`layers/3/weight`) and the path of the weight's container
+        (`.layers[3]`, `layers/3`, Haiku's `mlp/~/linear_2`). `NameMap` matches these too.
     """
 
     path: str
@@ -34,6 +41,12 @@ class LayerInfo:
     merged: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()
     output_shape: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+
+    @property
+    def param(self) -> str:
+        """The weight's key path in the parameter pytree, or "" (see `names`)."""
+        return self.names[0] if self.names else ""
 
     @property
     def type_name(self) -> str:
@@ -59,6 +72,9 @@ class RuleTable:
             (str(i), info.path or "<root>", info.type_name, info.kind, repr(rule), ", ".join(info.merged))
             for i, (info, rule) in enumerate(zip(self.layers, self.rules))
         ]
+        if any(info.param for info in self.layers):  # a function's layers: name their weights
+            header = (*header[:2], "param", *header[2:])
+            rows = [(*r[:2], info.param, *r[2:]) for r, info in zip(rows, self.layers)]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))

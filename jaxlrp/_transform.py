@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -14,8 +15,8 @@ import numpy as np
 from jaxlrp import _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
-from jaxlrp._program import from_closed_jaxpr
-from jaxlrp._table import FIXED, RuleTable
+from jaxlrp._program import Traced, from_closed_jaxpr
+from jaxlrp._table import AFFINE_KIND, FIXED, RuleTable
 from jaxlrp.composites import Composite
 
 __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
@@ -68,12 +69,12 @@ def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[...,
     if isinstance(model, nnx.Module):
 
         def explain(x, target=None):
-            return _output_and_relevance(*bind(x), composite, target)
+            return _output_and_relevance(bind, (x,), composite, target)
 
     else:
 
         def explain(params, x, target=None):
-            return _output_and_relevance(*bind(params, x), composite, target)
+            return _output_and_relevance(bind, (params, x), composite, target)
 
     return explain
 
@@ -100,8 +101,8 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
     def explain(*args, target=None):
         position = argnums % len(args)
         x, others = args[position], (*args[:position], *args[position + 1 :])
-        trace = functools.partial(_function.trace, fn, position)
-        return _output_and_relevance(trace, others, x, composite, target)[1]
+        bind = functools.partial(_function.trace, fn, position, others)
+        return _output_and_relevance(bind, (x,), composite, target)[1]
 
     return explain
 
@@ -112,38 +113,39 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
     an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)` for a function
     `fn(params, x)`. `print` the table to see each layer's path, module class, kind, rule and
-    the modules merged into it (BatchNorm, a mean's division).
+    the modules merged into it (BatchNorm, a mean's division); for a function, the key path of
+    each layer's weight. An affine map that no layer absorbed (a BatchNorm that no dense or conv
+    layer feeds) is a row of kind "affine" with `rules.Pass()`.
     """
     _check_composite(composite)
-    trace, params, x = _binding(model, apply_kwargs)(*inputs)
-    plan = _plan(trace, params, x)
+    plan = _plan(_binding(model, apply_kwargs)(*inputs))
     resolved = _resolve(composite, plan)
-    steps = plan.linear_steps()
-    return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
+    steps = plan.table_steps()
+    return RuleTable(tuple(s.info for s in steps), tuple(resolved.get(s, _rules.Pass()) for s in steps))
 
 
-def _binding(model, apply_kwargs: dict) -> Callable:
-    """`bind(*inputs) -> (trace, params, x)` for the kind of model."""
+def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
+    """`bind(*inputs) -> Traced` for the kind of model; the input explained is the last."""
     if isinstance(model, nnx.Module):
 
         def bind(x):
             graphdef, state = nnx.split(model)
-            return functools.partial(_nnx.trace, graphdef, call_kwargs=apply_kwargs), state, x
+            return _nnx.trace(graphdef, state, x, call_kwargs=apply_kwargs)
 
     elif isinstance(model, nnx.GraphDef):
 
         def bind(state, x):
-            return functools.partial(_nnx.trace, model, call_kwargs=apply_kwargs), state, x
+            return _nnx.trace(model, state, x, call_kwargs=apply_kwargs)
 
     elif isinstance(model, nn.Module):
 
         def bind(variables, x):
-            return functools.partial(_linen.trace, model, apply_kwargs=apply_kwargs), variables, x
+            return _linen.trace(model, variables, x, apply_kwargs=apply_kwargs)
 
     elif callable(model) and not apply_kwargs:  # a plain function fn(params, x), as lrp_fn(fn, c)
 
         def bind(params, x):
-            return functools.partial(_function.trace, model, 1), (params,), x
+            return _function.trace(model, 1, (params,), x)
 
     else:
         raise TypeError(
@@ -168,27 +170,56 @@ def _check_input(x) -> None:
             f"jaxlrp explains floating-point inputs (or integer token ids for models that start with "
             f"an embedding), got an input of dtype {dtype}."
         )
-    concrete = not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
-    if jnp.issubdtype(dtype, jnp.floating) and concrete:
-        if not bool(jnp.all(jnp.isfinite(x))):
+    if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(x):
+        with jax.ensure_compile_time_eval():  # evaluated now, even inside an outer jit
+            finite = bool(jnp.all(jnp.isfinite(x)))
+        if not finite:
             raise ValueError(
                 "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
                 "Clean the input first (under jit this cannot be checked and NaN propagates)."
             )
 
 
-def _plan(trace: Callable, params, x) -> Plan:
-    closed, describe = trace(params, x)
-    program = from_closed_jaxpr(closed)
+def _is_concrete(x) -> bool:
+    """A value known now (not traced), whose every shard this process holds."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def _plan(traced: Traced) -> Plan:
+    program = from_closed_jaxpr(traced.closed)
     if len(program.outputs) != 1:
         raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
     n_params = len(program.inputs) - 1
-    return make_plan(program, [False] * n_params + [True], describe)
+    plan = make_plan(program, [False] * n_params + [True], traced.describe, traced.names)
+    for step in plan.table_steps():
+        if step.info.kind == AFFINE_KIND:
+            warnings.warn(
+                f"jaxlrp: module '{step.info.path or '<root>'}' ({step.info.type_name}) applies an affine "
+                f"map with learned parameters that no dense or conv layer feeds, so it cannot be merged "
+                f"into one; relevance passes through it unchanged (zennit does the same). rule_table "
+                f"shows it as a layer of kind 'affine'.",
+                UnmergedAffineWarning,
+                stacklevel=3,
+            )
+    return plan
+
+
+class UnmergedAffineWarning(UserWarning):
+    """An affine map with learned parameters (a BatchNorm) that jaxlrp could not merge into a
+    dense or conv layer: relevance passes through it unchanged."""
 
 
 def _resolve(composite: Composite, plan: Plan) -> dict:
     steps = plan.linear_steps()
-    chosen = composite.rules([s.info for s in steps])
+    infos = [s.info for s in steps]
+    unmatched = composite.unmatched(infos)
+    if unmatched:
+        known = sorted({name for info in infos for name in (info.path or "<root>", *info.names)})
+        raise ValueError(
+            f"jaxlrp: NameMap pattern(s) {unmatched} match no layer of this model. The layers' "
+            f"names: {known}."
+        )
+    chosen = composite.rules(infos)
     resolved = {}
     for step, rule in zip(steps, chosen):
         info = step.info
@@ -199,7 +230,7 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
                     f"'{info.kind}'): the composite {composite!r} has none for it. Add one, e.g. "
                     f"composites.combine(composite, composites.LayerMap({{'{info.kind}': rules.Epsilon()}}))."
                 )
-            rule = _rules.Norm()
+            rule = _rules.Norm(_rules.DEFAULT_STABILIZER if composite.stabilizer is None else composite.stabilizer)
         if isinstance(rule, _rules.Pass) and info.input_shapes != (info.output_shape,):
             raise ValueError(
                 f"jaxlrp: rules.Pass at layer '{info.path}' needs one input shaped like its output "
@@ -235,11 +266,14 @@ def _seed(out: jax.Array, target) -> jax.Array:
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
 
 
-def _output_and_relevance(trace: Callable, params, x, composite: Composite, target):
+def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target):
+    """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained."""
+    x = inputs[-1]
     _check_input(x)
-    plan = _plan(trace, params, x)
+    traced = bind(*inputs)
+    plan = _plan(traced)
     resolved = _resolve(composite, plan)
-    params = jax.tree.leaves(params)
+    params = traced.params
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):
 
         def forward(x):

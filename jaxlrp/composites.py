@@ -7,12 +7,16 @@ A composite maps the model's layers (in execution order, see `jaxlrp.rule_table`
   `issubclass` on the innermost module that holds a dense or conv layer), or a tuple of keys.
   `first` is the rule for the first dense or conv layer in execution order, or a mapping
   `{key: rule}` for the first layer matching any of its keys (zennit's first-layer map).
-* `NameMap({pattern: rule})`: fnmatch patterns on the `/`-joined module path.
+* `NameMap({pattern: rule})`: fnmatch patterns on the `/`-joined module path, or, for a plain
+  function's layer, on the names of its weight in the parameter pytree (`['w1']`,
+  `.layers[3].weight`, `layers/3`, Haiku's `mlp/~/linear_2`; see `LayerInfo.names`). A
+  pattern that matches no layer is an error.
 * `combine(a, b, ...)`: the first composite with a rule for a layer wins.
 
 What no composite covers gets the defaults: activations Pass, sums, means, average pooling and
-residual adds Norm, max pooling its gradient; a dense or conv layer with no rule is an error.
-Composites are pytrees whose leaves are their rules' hyperparameters.
+residual adds `Norm(stabilizer)` with the composite's `stabilizer` (1e-6 when it sets none;
+in `combine`, the first that sets one), max pooling its gradient; a dense or conv layer with
+no rule is an error. Composites are pytrees whose leaves are their rules' hyperparameters.
 
 The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGeneral`,
 `nn.Einsum`; conv means `nn.Conv` of any rank and `nn.ConvTranspose`):
@@ -24,6 +28,7 @@ The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGener
 | `EpsilonAlpha2Beta1`      | AlphaBeta(2, 1) | Epsilon  |                        |
 | `EpsilonAlpha2Beta1Flat`  | AlphaBeta(2, 1) | Epsilon  | Flat (first dense/conv)|
 | `EpsilonGammaBox`         | Gamma           | Epsilon  | ZBox (first conv)      |
+| `LRP0`                    | Epsilon(0)      | Epsilon(0) | sums Norm(0)         |
 """
 
 from __future__ import annotations
@@ -46,16 +51,25 @@ __all__ = [
     "EpsilonAlpha2Beta1",
     "EpsilonAlpha2Beta1Flat",
     "EpsilonGammaBox",
+    "LRP0",
 ]
 
 Rule = _rules.Rule
 
 
 class Composite:
-    """Base class: `composite.rules(layers)` gives a rule, or None, for each layer."""
+    """Base class: `composite.rules(layers)` gives a rule, or None, for each layer.
+
+    `stabilizer`: that of the default `Norm` for sums, means and pooling, or None (1e-6)."""
+
+    stabilizer = None
 
     def rules(self, layers: Sequence[LayerInfo]) -> list[Rule | None]:
         raise NotImplementedError
+
+    def unmatched(self, layers: Sequence[LayerInfo]) -> list[str]:
+        """The name patterns of this composite that match none of `layers`."""
+        return []
 
 
 def _matches(key, info: LayerInfo) -> bool:
@@ -70,6 +84,10 @@ def _matches(key, info: LayerInfo) -> bool:
     raise TypeError(f"LayerMap keys are layer kinds (str), module classes or tuples of them; got {key!r}.")
 
 
+def _named(pattern: str, info: LayerInfo) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in (info.path, *info.names))
+
+
 def _key_name(key) -> str:
     if isinstance(key, tuple):
         return "(" + ", ".join(_key_name(k) for k in key) + ")"
@@ -78,10 +96,12 @@ def _key_name(key) -> str:
 
 @jax.tree_util.register_pytree_node_class
 class LayerMap(Composite):
-    """Rules by layer kind or module class; `first` overrides the first matching layer."""
+    """Rules by layer kind or module class; `first` overrides the first matching layer;
+    `stabilizer` is that of the default `Norm` for sums, means and pooling (None: 1e-6)."""
 
-    def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None):
+    def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None, stabilizer=None):
         self.mapping = dict(mapping)
+        self.stabilizer = stabilizer
         if isinstance(first, Rule):
             first = {WEIGHTED: first}
         self.first = None if first is None else dict(first)
@@ -103,7 +123,7 @@ class LayerMap(Composite):
 
     def tree_flatten(self):
         first = self.first or {}
-        children = (tuple(self.mapping.values()), tuple(first.values()))
+        children = (tuple(self.mapping.values()), tuple(first.values()), self.stabilizer)
         return children, (tuple(self.mapping), tuple(first), self.first is not None)
 
     @classmethod
@@ -112,27 +132,31 @@ class LayerMap(Composite):
         obj = object.__new__(cls)
         obj.mapping = dict(zip(keys, children[0]))
         obj.first = dict(zip(first_keys, children[1])) if has_first else None
+        obj.stabilizer = children[2]
         return obj
 
     def __repr__(self):
         items = ", ".join(f"{_key_name(k)}: {r!r}" for k, r in self.mapping.items())
         first = "" if self.first is None else ", first={" + ", ".join(
             f"{_key_name(k)}: {r!r}" for k, r in self.first.items()) + "}"
-        return f"LayerMap({{{items}}}{first})"
+        stabilizer = "" if self.stabilizer is None else f", stabilizer={self.stabilizer!r}"
+        return f"LayerMap({{{items}}}{first}{stabilizer})"
 
 
 @jax.tree_util.register_pytree_node_class
 class NameMap(Composite):
-    """Rules by module path: `{fnmatch pattern on the '/'-joined path: rule}`, first match wins."""
+    """Rules by name: `{fnmatch pattern: rule}`, first match wins. A pattern matches a layer's
+    `/`-joined module path or, for a plain function, one of its weight's names
+    (`LayerInfo.names`). A pattern that matches no layer is an error."""
 
     def __init__(self, mapping: Mapping[str, Rule]):
         self.mapping = dict(mapping)
 
     def rules(self, layers):
-        return [
-            next((r for p, r in self.mapping.items() if fnmatch.fnmatchcase(info.path, p)), None)
-            for info in layers
-        ]
+        return [next((r for p, r in self.mapping.items() if _named(p, info)), None) for info in layers]
+
+    def unmatched(self, layers):
+        return [p for p in self.mapping if not any(_named(p, info) for info in layers)]
 
     def tree_flatten(self):
         return (tuple(self.mapping.values()),), tuple(self.mapping)
@@ -160,6 +184,13 @@ class Combined(Composite):
                     out[i] = rule
         return out
 
+    def unmatched(self, layers):
+        return [p for composite in self.composites for p in composite.unmatched(layers)]
+
+    @property
+    def stabilizer(self):
+        return next((c.stabilizer for c in self.composites if c.stabilizer is not None), None)
+
     def tree_flatten(self):
         return (self.composites,), None
 
@@ -178,7 +209,7 @@ def combine(*composites: Composite) -> Combined:
 
 def EpsilonPlus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
     """Conv: ZPlus; dense: Epsilon (zennit's `EpsilonPlus`)."""
-    return LayerMap({"conv": _rules.ZPlus(stabilizer), "dense": _rules.Epsilon(epsilon)})
+    return LayerMap({"conv": _rules.ZPlus(stabilizer), "dense": _rules.Epsilon(epsilon)}, stabilizer=stabilizer)
 
 
 def EpsilonPlusFlat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
@@ -186,12 +217,15 @@ def EpsilonPlusFlat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap
     return LayerMap(
         {"conv": _rules.ZPlus(stabilizer), "dense": _rules.Epsilon(epsilon)},
         first=_rules.Flat(stabilizer),
+        stabilizer=stabilizer,
     )
 
 
 def EpsilonAlpha2Beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
     """Conv: AlphaBeta(2, 1); dense: Epsilon (zennit's `EpsilonAlpha2Beta1`)."""
-    return LayerMap({"conv": _rules.AlphaBeta(2.0, 1.0, stabilizer), "dense": _rules.Epsilon(epsilon)})
+    return LayerMap(
+        {"conv": _rules.AlphaBeta(2.0, 1.0, stabilizer), "dense": _rules.Epsilon(epsilon)}, stabilizer=stabilizer
+    )
 
 
 def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> LayerMap:
@@ -199,6 +233,7 @@ def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> L
     return LayerMap(
         {"conv": _rules.AlphaBeta(2.0, 1.0, stabilizer), "dense": _rules.Epsilon(epsilon)},
         first=_rules.Flat(stabilizer),
+        stabilizer=stabilizer,
     )
 
 
@@ -208,4 +243,11 @@ def EpsilonGammaBox(low, high, epsilon: float = 1e-6, gamma: float = 0.25, stabi
     return LayerMap(
         {"conv": _rules.Gamma(gamma, stabilizer), "dense": _rules.Epsilon(epsilon)},
         first={"conv": _rules.ZBox(low, high, stabilizer)},
+        stabilizer=stabilizer,
     )
+
+
+def LRP0() -> LayerMap:
+    """LRP-0 [Bach2015]: every dense and conv layer `Epsilon(0)`, every sum, mean and pooling
+    `Norm(0)`. On a ReLU network it equals gradient × input; a zero denominator gives zero."""
+    return LayerMap({WEIGHTED: _rules.Epsilon(0.0)}, stabilizer=0.0)

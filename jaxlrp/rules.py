@@ -56,6 +56,11 @@ __all__ = [
 ]
 
 
+# The stabilizer of every rule unless given (zennit's), and of the default Norm of sums,
+# means and pooling when a composite sets none.
+DEFAULT_STABILIZER = 1e-6
+
+
 def _rule(cls):
     """A frozen dataclass registered as a pytree whose fields are all leaves.
 

@@ -58,9 +58,14 @@ def test_batchnorm_that_no_layer_feeds_passes_relevance():
         return normalized * scale["scale"] + scale["bias"]
 
     variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.abs(stats["var"])
-    table = jaxlrp.rule_table(Net(), EPSILON, variables, x)
-    assert [info.merged for info in table.layers] == [(), ()]
-    relevance = jaxlrp.lrp(Net(), EPSILON)(variables, x, target=1)
+    with pytest.warns(jaxlrp.UnmergedAffineWarning, match="module 'BatchNorm_0' \\(nn.BatchNorm\\)"):
+        table = jaxlrp.rule_table(Net(), EPSILON, variables, x)
+    assert [(info.path, info.kind, info.merged) for info in table.layers] == [
+        ("Dense_0", "dense", ()), ("BatchNorm_0", "affine", ()), ("Dense_1", "dense", ())
+    ]
+    assert table.rules[1] == rules.Pass()
+    with pytest.warns(jaxlrp.UnmergedAffineWarning):
+        relevance = jaxlrp.lrp(Net(), EPSILON)(variables, x, target=1)
     np.testing.assert_allclose(relevance, _two_dense_reference(variables, x, act, 1), rtol=1e-9)
 
 
@@ -248,8 +253,10 @@ def test_batchnorm_after_a_mean_passes_instead_of_merging():
 
     model = Net()
     variables, x = models.init(model, (2, 4))
-    table = jaxlrp.rule_table(model, composites.LayerMap({"dense": rules.Epsilon(0.0)}), variables, x)
-    assert [(info.kind, info.merged) for info in table.layers] == [("dense", ()), ("sum", ()), ("dense", ())]
+    with pytest.warns(jaxlrp.UnmergedAffineWarning, match="BatchNorm_0"):
+        table = jaxlrp.rule_table(model, composites.LayerMap({"dense": rules.Epsilon(0.0)}), variables, x)
+    kinds = [(info.kind, info.merged) for info in table.layers]
+    assert kinds == [("dense", ()), ("sum", ()), ("affine", ()), ("dense", ())]
 
 
 def _fn_relevance(fn, rule, x, target):
