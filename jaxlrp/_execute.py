@@ -19,7 +19,7 @@ from jax import lax
 
 from jaxlrp._layer import Layer
 from jaxlrp._plan import STRUCTURAL, VALUE_PRESERVING, LinearStep, PassStep, Plan, ProductStep, ScanStep, TapStep
-from jaxlrp._program import Atom, Const, Node, Value
+from jaxlrp._program import Atom, Const, Node, Value, varying_axes
 
 
 def _zero_cotangent(x):
@@ -33,19 +33,12 @@ def _typed_like(cotangent, primal):
     """`cotangent` with the type of `primal`: its dtype and, inside `jax.shard_map`, its set of
     varying manual axes (summed over the axes it should not vary along, as JAX's own transpose
     of an implicit broadcast does; broadcast along those it should)."""
-    want, have = _varying_axes(primal), _varying_axes(cotangent)
+    want, have = varying_axes(primal), varying_axes(cotangent)
     if have - want:
         cotangent = jax.lax.psum(cotangent, tuple(sorted(have - want)))
     if want - have:
         cotangent = jax.lax.pcast(cotangent, tuple(sorted(want - have)), to="varying")
     return cotangent.astype(jnp.result_type(primal))
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes along which `x` varies inside `jax.shard_map` (empty outside)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others) -> jax.Array:

@@ -289,7 +289,9 @@ class _Planner:
         relevant = tuple(i for i, a in enumerate(node.inputs) if self.carries(a))
         out = node.outputs[0]
         name = node.name
-        if not relevant:
+        if not relevant or not any(self.carries(v) for v in node.outputs):
+            # No relevance in, or none of it reaches the output (queries and keys that feed a
+            # stop_gradient alone): computed as it is.
             if self._is_embedding(node):
                 taps = [s for s in self.steps.values() if isinstance(s, TapStep)]
                 self.steps[node] = TapStep(node, len(taps))

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from jax._src import core
 
 # Primitives that act element by element: output element i depends on input element i only.
@@ -79,8 +80,26 @@ class Node:
         params = self.params
         if dtype is not None and params.get("preferred_element_type") is not None:
             params = {**params, "preferred_element_type": dtype}
-        out = self.primitive.bind(*args, **self.primitive.get_bind_params(params))
+        out = self.primitive.bind(*same_varying_axes(args), **self.primitive.get_bind_params(params))
         return list(out) if self.primitive.multiple_results else [out]
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes along which `x` varies inside `jax.shard_map` (empty outside)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def same_varying_axes(args) -> list:
+    """`args` varying along the same manual axes, as `jnp` functions make them implicitly (a
+    primitive bound directly, as a rule does with its modified weights, needs it explicitly)."""
+    axes = [varying_axes(a) for a in args]
+    union = frozenset().union(*axes)
+    return [
+        jax.lax.pcast(a, tuple(sorted(union - have)), to="varying") if union - have else a
+        for a, have in zip(args, axes)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

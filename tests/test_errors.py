@@ -130,3 +130,32 @@ def test_errors_change_nothing(setup):
 def test_unknown_layer_kind():
     with pytest.raises(ValueError, match="Unknown layer kind 'Dense'"):
         composites.LayerMap({"Dense": rules.Epsilon()})
+
+
+@pytest.mark.parametrize("wrap", ["alone", "combined"])
+def test_name_pattern_that_matches_nothing_is_an_error(setup, wrap):
+    variables, x = setup
+    names = composites.NameMap({"Conv_9": rules.Flat()})
+    composite = names if wrap == "alone" else composites.combine(names, composites.EpsilonPlus())
+    message = r"NameMap pattern\(s\) \['Conv_9'\] match no layer of this model.*'Conv_0', 'Conv_1'"
+    with pytest.raises(ValueError, match=message):
+        jaxlrp.lrp(MODEL, composite)(variables, x)
+    with pytest.raises(ValueError, match=message):
+        jaxlrp.rule_table(MODEL, composite, variables, x)
+
+
+class _TrainableNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+        return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+def test_training_mode_says_what_to_pass():
+    model = _TrainableNet()
+    x = jnp.ones((2, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match=r"_TrainableNet runs in training mode.*pass train=False to jaxlrp"):
+        jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x)
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlus(), train=False)(variables, x)
+    assert relevance.shape == x.shape

@@ -46,6 +46,7 @@ LAYERS = {
     "conv_transpose": (nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding="SAME"), (1, 4, 4, 2)),
     "conv_batchnorm": (ConvBN(), (1, 6, 6, 2)),
     "conv_spatial_scale": (ConvSpatialScale(), (1, 5, 5, 2)),
+    "conv_local": (nn.ConvLocal(3, (3, 3), padding="SAME"), (1, 5, 5, 2)),
 }
 
 RULES = {

@@ -1,5 +1,6 @@
 """jaxlrp.lrp is a JAX transformation: jit, vmap, grad, sharding, traced hyperparameters."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +186,103 @@ def test_lrp_fn_negative_argnums():
     composite = composites.LayerMap({"dense": rules.Epsilon()})
     np.testing.assert_allclose(jaxlrp.lrp_fn(fn, composite, argnums=-1)(params, x),
                                jaxlrp.lrp_fn(fn, composite, argnums=1)(params, x))
+
+
+def _mesh_and_batch():
+    variables, x = models.init(MODEL, (16, 8, 8, 2))
+    # float64 parameters: XLA folds closed-over float32 ones (a BatchNorm's rsqrt) with other
+    # rounding than eager execution, 1e-8 apart in the forward pass alone.
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+    mesh = jax.make_mesh((8,), ("data",))
+    return mesh, variables, x, jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+
+
+@pytest.mark.parametrize("name", models.NAMED)
+def test_shard_map_equals_unsharded(name):
+    """Every custom_vjp's cotangents have its inputs' types, varying manual axes included,
+    with the parameters passed in (replicated) and closed over."""
+    mesh, variables, x, sharded = _mesh_and_batch()
+    explain = jaxlrp.lrp(MODEL, models.NAMED[name]())
+    expected = explain(variables, x)
+    spec = PartitionSpec("data")
+    passed = jax.shard_map(lambda v, xb: explain(v, xb), mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=spec)
+    closed = jax.shard_map(lambda xb: explain(variables, xb), mesh=mesh, in_specs=(spec,), out_specs=spec)
+    np.testing.assert_allclose(jax.jit(passed)(variables, sharded), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(jax.jit(closed)(sharded), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_shard_map_with_sharded_targets_and_grad():
+    mesh, variables, x, sharded = _mesh_and_batch()
+    targets = jnp.arange(16) % 3
+    spec = PartitionSpec("data")
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonPlus(epsilon=0.1))
+
+    def loss(v, xb, tb):
+        return jax.lax.psum(jnp.sum(explain(v, xb, tb) ** 2), "data")
+
+    sharded_loss = jax.shard_map(loss, mesh=mesh, in_specs=(PartitionSpec(), spec, spec), out_specs=PartitionSpec())
+    targets_sharded = jax.device_put(targets, NamedSharding(mesh, spec))
+    grad = jax.jit(jax.grad(sharded_loss, argnums=1))(variables, sharded, targets_sharded)
+    expected = jax.grad(lambda xb: jnp.sum(explain(variables, xb, targets) ** 2))(x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-14)
+
+
+# Each documented check on values, called the way users call jaxlrp: inside jit, vmap, grad and
+# shard_map, with the input and target closed over (concrete: the check runs) or passed in
+# (traced: the check is skipped, never a crash).
+def _gamma_sweep(variables, x, target=None):
+    def explain(gamma):
+        composite = composites.LayerMap({nn.Conv: rules.Gamma(gamma), nn.Dense: rules.Epsilon()})
+        return jaxlrp.lrp(MODEL, composite)(variables, x, target)
+
+    return explain
+
+
+TRANSFORMS = {
+    "jit": lambda f: jax.jit(f)(0.25),
+    "vmap": lambda f: jax.vmap(f)(jnp.array([0.0, 0.25])),
+    "jit(vmap)": lambda f: jax.jit(jax.vmap(f))(jnp.array([0.0, 0.25])),
+    "grad": lambda f: jax.grad(lambda g: f(g).sum())(0.25),
+    "shard_map": lambda f: _shard_map_over_gammas(f, jnp.full(8, 0.25)),
+}
+
+
+def _shard_map_over_gammas(f, gammas):
+    mesh = jax.make_mesh((8,), ("d",))
+    spec = PartitionSpec("d")
+    sharded = jax.shard_map(lambda g: f(g[0])[None], mesh=mesh, in_specs=spec, out_specs=spec)
+    return jax.jit(sharded)(jax.device_put(gammas, NamedSharding(mesh, spec)))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_closed_over_input_and_target_inside_transforms(setup, transform):
+    variables, x = setup
+    result = TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1, 2, 1])))
+    assert bool(jnp.all(jnp.isfinite(result)))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_checks_on_closed_over_values_run_inside_transforms(setup, transform):
+    variables, x = setup
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        TRANSFORMS[transform](_gamma_sweep(variables, x.at[0, 0, 0, 0].set(jnp.nan)))
+    with pytest.raises(ValueError, match="out of range"):
+        TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1, 2, 3])))
+    with pytest.raises(ValueError, match="shape \\(\\) or \\(4,\\)"):
+        TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1])))
+    with pytest.raises(ValueError, match="AlphaBeta needs"):
+        TRANSFORMS[transform](lambda g: jaxlrp.lrp(MODEL, composites.LayerMap(
+            {("dense", "conv"): rules.AlphaBeta(3.0, 1.0)}))(variables, x) * g)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_checks_on_traced_values_are_skipped_inside_transforms(setup, transform):
+    variables, x = setup
+    nan_x = x.at[0, 0, 0, 0].set(jnp.nan)
+
+    def explain(g):  # input and alpha traced: nothing to check, nothing crashes
+        composite = composites.LayerMap({("dense", "conv"): rules.AlphaBeta(1.0 + g, g)})
+        return jaxlrp.lrp(MODEL, composite)(variables, nan_x * (1 + 0 * g))
+
+    result = TRANSFORMS[transform](explain)
+    assert bool(jnp.any(jnp.isnan(result)))  # NaN propagates, as documented

@@ -1,0 +1,111 @@
+"""The scripts in examples/ run with --small, exit 0, and print what they claim.
+
+A module fixture runs all scripts, two at a time (the reference machine has 2 cores); each
+test then checks one script's output, parsed from its machine-checkable lines.
+"""
+
+import concurrent.futures
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = ("flax_resnet", "equinox_model", "haiku_model", "nnx_orbax", "sharded_batch")
+TIMEOUT_S = 120
+
+
+def _run(name: str) -> subprocess.CompletedProcess:
+    # The environment is inherited: conftest.py's XLA_FLAGS gives sharded_batch its 8 devices.
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--small"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs():
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(_run, name) for name in SCRIPTS}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _output(runs, name: str) -> str:
+    result = runs[name].result()
+    assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _number(output: str, label: str) -> float:
+    match = re.search(re.escape(label) + r"\s*=?\s*([-+0-9.eE]+|nan|inf)", output)
+    assert match, f"no {label!r} in:\n{output}"
+    return float(match.group(1))
+
+
+def _ratios(output: str, label: str = "ratio") -> list[float]:
+    ratios = [float(r) for r in re.findall(re.escape(label) + r" ([-+0-9.eE]+)", output)]
+    assert ratios, f"no {label!r} lines in:\n{output}"
+    return ratios
+
+
+def _row(output: str, path: str) -> str:
+    """The rule table's row for the layer at `path`."""
+    row = next((line for line in output.splitlines() if re.match(rf"\d+\s+{re.escape(path)}\s", line)), None)
+    assert row, f"no rule-table row for {path!r} in:\n{output}"
+    return row
+
+
+def test_flax_resnet(runs):
+    out = _output(runs, "flax_resnet")
+    assert "Flat(" in _row(out, "conv_init") and "bn_init" in _row(out, "conv_init")
+    assert "ZPlus(" in _row(out, "ResNetBlock_2/conv_proj")
+    assert "Epsilon(" in _row(out, "Dense_0")
+    assert "relevance (2, 32, 32, 3)" in out
+    assert all(0.9 < r < 1.1 for r in _ratios(out)), out  # conserved up to stabilizers
+    assert _number(out, "relative L2") < 0.25
+    assert _number(out, "pearson") > 0.97
+
+
+def test_equinox_model(runs):
+    out = _output(runs, "equinox_model")
+    assert "Flat(" in _row(out, "vmap(eqx.nn.Conv)") and ".layers[0].weight" in _row(out, "vmap(eqx.nn.Conv)")
+    assert "ZPlus(" in out and "Epsilon(" in out
+    assert all(abs(r - 1) < 1e-2 for r in _ratios(out)), out  # zero biases: conserved
+    assert _number(out, "max |LRP0 - grad*input|") < 1e-5
+
+
+def test_haiku_model(runs):
+    out = _output(runs, "haiku_model")
+    assert "Epsilon(epsilon=0.25)" in _row(out, "mlp/linear_2")
+    assert "Epsilon(epsilon=1e-06)" in _row(out, "mlp/linear_0")
+    assert "Flat(" in _row(out, "conv2_d")
+    plain = _ratios(out, "LayerMap alone: ratio")
+    assert all(abs(r - 1) < 1e-2 for r in plain), out
+    eps = _ratios(out, "  ratio")
+    assert all(0 < e < p for e, p in zip(eps, plain)), out  # epsilon 0.25 absorbs relevance
+
+
+def test_nnx_orbax(runs):
+    out = _output(runs, "nnx_orbax")
+    assert _number(out, "accuracy on all digits") > 0.3
+    assert "bn" in _row(out, "conv1")  # BatchNorm merged into the first conv
+    assert all(0.1 < r < 1.5 for r in _ratios(out)), out
+    assert _number(out, "max |restored - original|") < 1e-6
+
+
+def test_sharded_batch(runs):
+    out = _output(runs, "sharded_batch")
+    devices = re.search(r"^(\d+) devices", out, re.MULTILINE)
+    assert devices, out
+    if "device_count=8" in os.environ.get("XLA_FLAGS", ""):  # conftest.py's setting
+        assert devices.group(1) == "8"
+    assert "sharding P('data'" in out
+    assert _number(out, "max |jit - unsharded|") < 1e-5
+    assert _number(out, "max |shard_map - unsharded|") < 1e-5
