@@ -111,3 +111,26 @@ def test_rules_compute_in_float32_for_bfloat16_layers():
     z = np.asarray(layer.apply(variables, x), np.float32)  # the forward value, as the model computed it
     expected = xf * ((1 / (z + 1e-3 * np.sign(z))) @ w.T)
     np.testing.assert_allclose(np.asarray(relevance, np.float32), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_nnx_batchnorm_is_merged(precision):
+    from flax import nnx
+
+    kwargs = PRECISIONS[precision]
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs, **kwargs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs, **kwargs)
+            self.fc = nnx.Linear(8, 10, rngs=rngs, **kwargs)
+
+        def __call__(self, x):
+            return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    x = X[:, :8, :8]
+    table = jaxlrp.rule_table(model, composites.EpsilonPlusFlat(), x)
+    assert [(info.path, info.merged) for info in table.layers] == [("conv", ("bn",)), ("", ()), ("fc", ())]
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlusFlat())(x)
+    assert relevance.dtype == x.dtype and bool(jnp.all(jnp.isfinite(relevance)))
