@@ -18,7 +18,17 @@ import numpy as np
 from jax import lax
 
 from jaxlrp._layer import Layer
-from jaxlrp._plan import STRUCTURAL, VALUE_PRESERVING, LinearStep, PassStep, Plan, ProductStep, ScanStep, TapStep
+from jaxlrp._plan import (
+    STRUCTURAL,
+    VALUE_PRESERVING,
+    LinearStep,
+    PassStep,
+    Plan,
+    ProductStep,
+    ScanStep,
+    SoftmaxStep,
+    TapStep,
+)
 from jaxlrp._program import Atom, Const, Node, Value, varying_axes
 
 
@@ -90,6 +100,8 @@ def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None) -
             env[step.output] = _run_linear(step, rules[step], env)
         elif isinstance(step, PassStep):
             env[step.output] = _run_pass(step, env)
+        elif isinstance(step, SoftmaxStep):
+            env[step.output] = _run_softmax(step, rules[step], env)
         elif isinstance(step, ProductStep):
             env[node.outputs[0]] = _run_product(step, env)
         elif isinstance(step, TapStep):
@@ -240,6 +252,29 @@ def _run_pass(step: PassStep, env: dict) -> jax.Array:
         return (relevance,)
 
     return relevance_call(forward, backward, (env[step.source],), [env[v] for v in step.extras])
+
+
+def _run_softmax(step: SoftmaxStep, rule, env: dict) -> jax.Array:
+    extras = [a for n in step.nodes for a in n.inputs if isinstance(a, Value) and a is not step.source
+              and a not in {m.outputs[0] for m in step.nodes}]
+
+    def forward(xs, others):
+        local = dict(zip(extras, others["extras"]))
+        local[step.source] = xs[0]
+        _evaluate(step.nodes, local)
+        return local[step.output]
+
+    def backward(xs, others, output, relevance):
+        # The input keeps its dtype: the rule reads a mask's fill against that dtype's range.
+        output, relevance = _cast((output, relevance), _wide_dtype(*xs))
+
+        def total(inputs, _):
+            return jnp.sum(inputs[0], axis=step.axes, keepdims=True)
+
+        return others["rule"](Layer(total, None, output), xs, relevance)
+
+    others = {"extras": [env[a] for a in extras], "rule": rule}
+    return relevance_call(forward, backward, (env[step.source],), others)
 
 
 def _run_product(step: ProductStep, env: dict) -> jax.Array:

@@ -99,6 +99,11 @@ class Layer:
             return self._fixed(inputs, jnp.ones_like)
         return self.linear(inputs, jnp.ones_like(self.weight))
 
+    def product(self, inputs: Inputs) -> jax.Array:
+        """`x ↦ a ⊙ L(x)`, no bias, as one map of all inputs together (for a bilinear `L`)."""
+        y = self.linear(inputs, self.weight)
+        return y if self.scale is None else self.scale * y
+
     @property
     def bias(self) -> jax.Array | float:
         """The merged bias `b'`, zero when there is none."""

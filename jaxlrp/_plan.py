@@ -117,6 +117,21 @@ class PassStep:
 
 
 @dataclasses.dataclass(eq=False)
+class SoftmaxStep:
+    """`s = exp(x − c) / Σ_axes exp(x − c)` (c a stop_gradient of the max, or none): `nodes`
+    compute it from `source`; its rule sees the output and the axes (AttnLRP Prop. 3.1)."""
+
+    nodes: list[Node]
+    source: Value
+    axes: tuple[int, ...]
+    info: LayerInfo
+
+    @property
+    def output(self) -> Value:
+        return self.nodes[-1].outputs[0]
+
+
+@dataclasses.dataclass(eq=False)
 class ProductStep:
     node: Node
 
@@ -139,17 +154,17 @@ class Plan:
     steps: dict[Node, object]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
 
-    def linear_steps(self) -> list[LinearStep]:
-        """All linear layers in execution order, scan bodies included."""
-        return [s for s in self.table_steps() if isinstance(s, LinearStep)]
+    def ruled_steps(self) -> list[LinearStep | SoftmaxStep]:
+        """The steps a composite gives rules to, in execution order, scan bodies included."""
+        return [s for s in self.table_steps() if isinstance(s, (LinearStep, SoftmaxStep))]
 
-    def table_steps(self) -> list[LinearStep | PassStep]:
-        """The rows of the rule table in execution order: linear layers and reported affine
-        regions, scan bodies included."""
+    def table_steps(self) -> list[LinearStep | SoftmaxStep | PassStep]:
+        """The rows of the rule table in execution order: linear layers, softmaxes and
+        reported affine regions, scan bodies included."""
         out = []
         for node in self.program.nodes:
             step = self.steps.get(node)
-            if isinstance(step, LinearStep) or (isinstance(step, PassStep) and step.info is not None):
+            if isinstance(step, (LinearStep, SoftmaxStep)) or (isinstance(step, PassStep) and step.info is not None):
                 out.append(step)
             elif isinstance(step, ScanStep):
                 out.extend(step.body.table_steps())
@@ -167,20 +182,26 @@ Describe = Callable[[str], tuple[str, type | None]]
 
 
 def make_plan(
-    program: Program, active: list[bool], describe: Describe, names: Sequence[tuple[str, ...]] | None = None
+    program: Program,
+    active: list[bool],
+    describe: Describe,
+    names: Sequence[tuple[str, ...]] | None = None,
+    hold: frozenset[str] = frozenset(),
 ) -> Plan:
     """Plans `program`, whose inputs flagged `active` are explained. `describe(scope)` gives the
     module path and class of a name stack; `names`, when given, the names of each input (the
-    key path of a parameter in its pytree), by which a layer is also known."""
+    key path of a parameter in its pytree), by which a layer is also known. `hold` names the
+    operation kinds whose outputs are constants to LRP ("softmax": CP-LRP's attention)."""
     named = {} if names is None else dict(zip(program.inputs, names))
-    return _Planner(program, describe, named).plan(active)
+    return _Planner(program, describe, named, hold).plan(active)
 
 
 class _Planner:
-    def __init__(self, program: Program, describe: Describe, names: dict[Value, tuple[str, ...]]):
+    def __init__(self, program: Program, describe: Describe, names: dict[Value, tuple[str, ...]], hold=frozenset()):
         self.program = program
         self.describe = describe
         self.names = names
+        self.hold = hold
         self.uses: dict[Value, list[Node | None]] = defaultdict(list)
         for node in program.nodes:
             for a in node.inputs:
@@ -205,15 +226,21 @@ class _Planner:
 
     def plan(self, active: list[bool]) -> Plan:
         self._flow(active)
+        self.groups: dict[Node, Callable[[], None]] = {}  # first node -> builder of its step
+        self.absorbed: set[Node] = set()
+        self.held: set[tuple[Node, int]] = set()  # (node, input position) taking a constant
+        for recognize in (self._recognize_softmax, self._recognize_normalization, self._recognize_centering):
+            recognize()
         self._keep_needed()
         self.nonnegative = _nonnegative_values(self.program)
         self.source: dict[Value, Value] = {}
         self.region: dict[Node, Value] = {}  # region node -> its source
         self.steps: dict[Node, object] = {}
         self.skipped: set[Node] = set()
-        self.absorbed: set[Node] = set()
         for node in self.program.nodes:
-            if node not in self.absorbed:
+            if node in self.groups:
+                self.groups[node]()
+            elif node not in self.absorbed:
                 self._classify(node)
         self._add_pass_steps()
         return Plan(self.program, self.steps, self.skipped)
@@ -248,7 +275,7 @@ class _Planner:
         needed = {a for a in self.program.outputs if isinstance(a, Value)}
         for node in reversed(self.program.nodes):
             if node.name != "stop_gradient" and any(v in needed for v in node.outputs):
-                needed.update(a for a in node.inputs if isinstance(a, Value))
+                needed.update(a for i, a in enumerate(node.inputs) if isinstance(a, Value) and (node, i) not in self.held)
         self.carrying &= needed
 
     def _is_embedding(self, node: Node) -> bool:
@@ -285,8 +312,12 @@ class _Planner:
         where = f"module '{path or '<root>'}'"
         return where + (f" ({module.__name__})" if module is not None else "")
 
+    def _relevant(self, node: Node) -> tuple[int, ...]:
+        """Positions of the inputs of `node` that carry relevance into it."""
+        return tuple(i for i, a in enumerate(node.inputs) if self.carries(a) and (node, i) not in self.held)
+
     def _classify(self, node: Node) -> None:
-        relevant = tuple(i for i, a in enumerate(node.inputs) if self.carries(a))
+        relevant = self._relevant(node)
         out = node.outputs[0]
         name = node.name
         if not relevant or not any(self.carries(v) for v in node.outputs):
@@ -313,12 +344,17 @@ class _Planner:
                 self._linear([node], relevant, weight, "sum")
         elif name in FIXED_PRIMITIVES:
             self._linear([node], relevant, None, FIXED_PRIMITIVES[name])
+        elif name in ("mul", "div") and any((node, i) in self.held for i in range(2)):
+            # times or over a held normalizer (RMSNorm's 1/σ): an elementwise linear map
+            self._linear([node], relevant, None, "norm")
         elif node.elementwise and len(sources) == 1 and same_shapes and is_float(out):
             (source,) = sources
             self.source[out] = source
             self.region[node] = source
         elif name in ("add", "sub") and len(relevant) == 2:
             self._linear([node], relevant, None, "sum")
+        elif name == "dot_general" and len(relevant) == 2:  # Q·Kᵀ, A·V
+            self._linear([node], relevant, None, "bilinear")
         elif name == "mul" and len(relevant) == 2:
             self.steps[node] = ProductStep(node)
         elif name in GRADIENT or (node.elementwise and not is_float(out)):
@@ -330,6 +366,113 @@ class _Planner:
                 f"average and max pooling, products of two activations, reshapes, slicing, "
                 f"concatenation and padding."
             )
+
+    # ---- Operations recognised as a group of nodes, before the rest is classified ----------
+
+    def _claim(self, nodes: list[Node], build: Callable[[], None]) -> None:
+        self.groups[nodes[0]] = build
+        self.absorbed.update(nodes[1:])
+
+    def _producer_of(self, atom: Atom, names: frozenset) -> Node | None:
+        node = self.producer.get(atom) if isinstance(atom, Value) else None
+        return node if node is not None and node.name in names and node not in self.absorbed else None
+
+    def _through(self, atom: Atom, names: frozenset) -> tuple[Atom, list[Node]]:
+        """Walks back from `atom` through single-input ops in `names`: (the start, the nodes)."""
+        walked = []
+        while (node := self._producer_of(atom, names)) is not None:
+            values = [a for a in node.inputs if isinstance(a, Value)]
+            if len(values) != 1:
+                break
+            walked.insert(0, node)
+            atom = values[0]
+        return atom, walked
+
+    def _recognize_softmax(self) -> None:
+        """`exp(x − c) / Σ exp(x − c)` with c a constant or a stop_gradient (of the max): one
+        softmax step, or, when softmax outputs are held (CP-LRP), a constant."""
+        for node in self.program.nodes:
+            if node.name != "div" or not all(self.carries(a) for a in node.inputs):
+                continue
+            numerator, denominator = node.inputs
+            exp = self._producer_of(numerator, frozenset({"exp"}))
+            total, reshapes = self._through(denominator, STRUCTURAL)
+            reduce = self._producer_of(total, frozenset({"reduce_sum"}))
+            if exp is None or reduce is None or reduce.inputs[0] is not numerator:
+                continue
+            nodes = [exp, reduce, *reshapes, node]
+            source = exp.inputs[0]
+            shift = self._producer_of(source, frozenset({"sub"}))
+            if shift is not None and self.carries(shift.inputs[0]) and not self.carries(shift.inputs[1]):
+                nodes.insert(0, shift)
+                source = shift.inputs[0]
+            if len(self.uses[numerator]) != 2 or any(len(self.uses[n.outputs[0]]) != 1 for n in nodes[:-1] if n not in (exp,)):
+                continue
+            if "softmax" in self.hold:
+                self.held.update((user, i) for user in self.uses[node.outputs[0]] if user is not None
+                                 for i, a in enumerate(user.inputs) if a is node.outputs[0])
+                continue
+            self._claim(nodes, lambda nodes=nodes, source=source, axes=tuple(reduce.params["axes"]): self._softmax(nodes, source, axes))
+
+    def _softmax(self, nodes: list[Node], source: Value, axes: tuple[int, ...]) -> None:
+        self.skipped.update(nodes[:-1])
+        path, module = self.describe(nodes[-1].scope)
+        shape = tuple(source.shape)
+        info = LayerInfo(path, module, "softmax", input_shapes=(shape,), output_shape=shape)
+        self.steps[nodes[-1]] = SoftmaxStep(nodes, source, axes, info)
+
+    def _statistics(self) -> set[Value]:
+        """Values computed from reductions (sums, maxima) of activations and from constants
+        only: a mean, a variance, a norm, 1/σ (times a LayerNorm's scale)."""
+        stats: set[Value] = set()
+        for node in self.program.nodes:
+            carried = [a for a in node.inputs if self.carries(a)]
+            if not carried:
+                continue
+            if node.name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod"):
+                stats.update(node.outputs)
+            elif (node.elementwise or node.name in STRUCTURAL or node.name == "stop_gradient") and all(
+                a in stats for a in carried
+            ):
+                stats.update(node.outputs)
+        return stats
+
+    def _recognize_normalization(self) -> None:
+        """An activation times or over a statistic of activations (LayerNorm's and RMSNorm's
+        1/σ): the statistic is held constant, so the normalization is linear (AttnLRP Prop. 3.4,
+        LXT's `layer_norm_grad_fn`)."""
+        stats = self._statistics()
+        for node in self.program.nodes:
+            if node.name not in ("mul", "div") or node in self.absorbed or node in self.groups:
+                continue
+            a, b = node.inputs
+            if not (self.carries(a) and self.carries(b)):
+                continue
+            if b in stats and a not in stats:
+                self.held.add((node, 1))
+            elif node.name == "mul" and a in stats and b not in stats:
+                self.held.add((node, 0))
+
+    def _recognize_centering(self) -> None:
+        """`x − mean(x)` (a LayerNorm's centering): one linear map, kind "norm", that takes in
+        the scaling by the held 1/σ, the scale and the bias after it."""
+        for node in self.program.nodes:
+            if node.name != "sub" or node in self.absorbed or not all(self.carries(a) for a in node.inputs):
+                continue
+            x, mean = node.inputs
+            total, walked = self._through(mean, STRUCTURAL | VALUE_PRESERVING | SCALING)
+            reduce = self._producer_of(total, frozenset({"reduce_sum"}))
+            if reduce is None or any(
+                n.name in SCALING and any(self.carries(a) for a in n.inputs if a is not n.inputs[0]) for n in walked
+            ):
+                continue
+            # Both read the same value, perhaps each through its own dtype conversion (bfloat16).
+            root, into_sub = self._through(x, VALUE_PRESERVING)
+            reduced, into_reduce = self._through(reduce.inputs[0], VALUE_PRESERVING)
+            if root is not reduced:
+                continue
+            nodes = sorted({*into_reduce, reduce, *walked, *into_sub, node}, key=self.order.__getitem__)
+            self._claim(nodes, lambda nodes=nodes: self._linear(nodes, (0,), None, "norm"))
 
     def _is_learned(self, atom: Atom) -> bool:
         """Computed from the parameters and not from the input (a weight, a statistic)."""
@@ -357,10 +500,13 @@ class _Planner:
         # A weighted layer takes in its bias and a BatchNorm; a fixed map (a sum, a pooling
         # window) only a constant factor such as a mean's division: a BatchNorm after it Passes.
         first, last = nodes[0], nodes[-1]
-        chain = self._absorb(last.outputs[0], AFFINE if kind in WEIGHTED_KINDS else SCALING)
-        *inner, end = [*nodes, *chain]
-        self.absorbed.update([*nodes[1:], *chain])
-        self.skipped.update(inner)
+        chain = self._absorb(last.outputs[0], AFFINE if kind in WEIGHTED_KINDS or kind == "norm" else SCALING)
+        *inner, end = members = [*nodes, *chain]
+        self.absorbed.update(members[1:])
+        # Computed inside the step. When the linear part computes a value read elsewhere too (a
+        # LayerNorm's mean, which its variance reads), the linear part is computed outside too.
+        shared = any(u not in members for n in nodes for u in self.uses[n.outputs[0]] if n is not end)
+        self.skipped.update(chain[:-1] if shared else inner)
         path, module = self.describe(last.scope)
         merged = []
         for n in chain:

@@ -11,6 +11,10 @@ import dataclasses
 # `jax.image.resize`) and "avg_pool" (`nn.avg_pool`).
 WEIGHTED = ("dense", "conv")
 FIXED = ("sum", "avg_pool")
+# Transformer operations (AttnLRP): a normalization with its 1/σ held constant (LayerNorm,
+# RMSNorm), a product of two activations by matmul (Q·Kᵀ, A·V), a softmax.
+TRANSFORMER = ("norm", "bilinear", "softmax")
+KINDS = WEIGHTED + FIXED + TRANSFORMER
 # An elementwise affine map with learned operands that no layer absorbed (a BatchNorm that no
 # dense or conv layer feeds): relevance passes through it, and the rule table shows it.
 AFFINE_KIND = "affine"
@@ -24,7 +28,8 @@ class LayerInfo:
       path: the `/`-joined module path (Linen), attribute path (NNX) or `jax.named_scope`
         path (plain functions) of the module that holds the layer.
       module: the module's class, or `None` for a plain function.
-      kind: one of "dense", "conv", "sum", "avg_pool", or "affine" (a reported pass-through).
+      kind: one of "dense", "conv", "sum", "avg_pool", "norm", "bilinear", "softmax", or
+        "affine" (a reported pass-through).
       merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
         division) that belong to other modules.
       input_shapes: the shapes of the layer's relevance-carrying inputs.

@@ -16,7 +16,7 @@ from jaxlrp import _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import Traced, from_closed_jaxpr
-from jaxlrp._table import AFFINE_KIND, FIXED, RuleTable
+from jaxlrp._table import AFFINE_KIND, FIXED, TRANSFORMER, RuleTable
 from jaxlrp.composites import Composite
 
 __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
@@ -118,7 +118,7 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     layer feeds) is a row of kind "affine" with `rules.Pass()`.
     """
     _check_composite(composite)
-    plan = _plan(_binding(model, apply_kwargs)(*inputs))
+    plan = _plan(_binding(model, apply_kwargs)(*inputs), composite)
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved.get(s, _rules.Pass()) for s in steps))
@@ -185,12 +185,12 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
-def _plan(traced: Traced) -> Plan:
+def _plan(traced: Traced, composite: Composite) -> Plan:
     program = from_closed_jaxpr(traced.closed)
     if len(program.outputs) != 1:
         raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
     n_params = len(program.inputs) - 1
-    plan = make_plan(program, [False] * n_params + [True], traced.describe, traced.names)
+    plan = make_plan(program, [False] * n_params + [True], traced.describe, traced.names, composite.hold)
     for step in plan.table_steps():
         if step.info.kind == AFFINE_KIND:
             warnings.warn(
@@ -210,7 +210,7 @@ class UnmergedAffineWarning(UserWarning):
 
 
 def _resolve(composite: Composite, plan: Plan) -> dict:
-    steps = plan.linear_steps()
+    steps = plan.ruled_steps()
     infos = [s.info for s in steps]
     unmatched = composite.unmatched(infos)
     if unmatched:
@@ -224,13 +224,13 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
     for step, rule in zip(steps, chosen):
         info = step.info
         if rule is None:
-            if info.kind not in FIXED:
+            if info.kind not in FIXED + TRANSFORMER:
                 raise ValueError(
                     f"jaxlrp: no rule for layer '{info.path or '<root>'}' ({info.type_name}, kind "
                     f"'{info.kind}'): the composite {composite!r} has none for it. Add one, e.g. "
                     f"composites.combine(composite, composites.LayerMap({{'{info.kind}': rules.Epsilon()}}))."
                 )
-            rule = _rules.Norm(_rules.DEFAULT_STABILIZER if composite.stabilizer is None else composite.stabilizer)
+            rule = _default_rule(info.kind, composite)
         if isinstance(rule, _rules.Pass) and info.input_shapes != (info.output_shape,):
             raise ValueError(
                 f"jaxlrp: rules.Pass at layer '{info.path}' needs one input shaped like its output "
@@ -238,6 +238,17 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
             )
         resolved[step] = rule
     return resolved
+
+
+def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
+    """What a sum, pooling, normalization, bilinear matmul or softmax gets when the composite
+    gives it no rule: the ε-type rules take the composite's stabilizer."""
+    stabilizer = _rules.DEFAULT_STABILIZER if composite.stabilizer is None else composite.stabilizer
+    if kind == "softmax":
+        return _rules.Softmax()
+    if kind == "bilinear":
+        return _rules.Bilinear(stabilizer)
+    return _rules.Norm(stabilizer)
 
 
 def _seed(out: jax.Array, target) -> jax.Array:
@@ -271,7 +282,7 @@ def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite:
     x = inputs[-1]
     _check_input(x)
     traced = bind(*inputs)
-    plan = _plan(traced)
+    plan = _plan(traced, composite)
     resolved = _resolve(composite, plan)
     params = traced.params
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):

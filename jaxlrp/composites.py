@@ -29,6 +29,12 @@ The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGener
 | `EpsilonAlpha2Beta1Flat`  | AlphaBeta(2, 1) | Epsilon  | Flat (first dense/conv)|
 | `EpsilonGammaBox`         | Gamma           | Epsilon  | ZBox (first conv)      |
 | `LRP0`                    | Epsilon(0)      | Epsilon(0) | sums Norm(0)         |
+
+For transformers [Achtibat2024, Ali2022], `AttnLRP(epsilon, gamma=None)`: dense and conv layers
+Epsilon(ε) (Gamma(γ) when `gamma` is set, for vision transformers), softmax by its own rule,
+Q·Kᵀ and A·V `Bilinear(ε)`, LayerNorm and RMSNorm the ε rule with 1/σ held constant, residual
+adds and means Norm(ε). `CPLRP(epsilon, gamma=None)`: the same with the attention weights held
+constant, so relevance flows through the values only.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from jaxlrp import rules as _rules
-from jaxlrp._table import FIXED, WEIGHTED, LayerInfo
+from jaxlrp._table import KINDS, WEIGHTED, LayerInfo
 
 __all__ = [
     "Composite",
@@ -52,6 +58,8 @@ __all__ = [
     "EpsilonAlpha2Beta1Flat",
     "EpsilonGammaBox",
     "LRP0",
+    "AttnLRP",
+    "CPLRP",
 ]
 
 Rule = _rules.Rule
@@ -60,9 +68,11 @@ Rule = _rules.Rule
 class Composite:
     """Base class: `composite.rules(layers)` gives a rule, or None, for each layer.
 
-    `stabilizer`: that of the default `Norm` for sums, means and pooling, or None (1e-6)."""
+    `stabilizer`: that of the default `Norm` for sums, means and pooling, or None (1e-6).
+    `hold`: operation kinds whose outputs LRP treats as constants ("softmax": CP-LRP)."""
 
     stabilizer = None
+    hold: frozenset = frozenset()
 
     def rules(self, layers: Sequence[LayerInfo]) -> list[Rule | None]:
         raise NotImplementedError
@@ -76,8 +86,8 @@ def _matches(key, info: LayerInfo) -> bool:
     if isinstance(key, tuple):
         return any(_matches(k, info) for k in key)
     if isinstance(key, str):
-        if key not in WEIGHTED + FIXED:
-            raise ValueError(f"Unknown layer kind {key!r} in a LayerMap; the kinds are {WEIGHTED + FIXED}.")
+        if key not in KINDS:
+            raise ValueError(f"Unknown layer kind {key!r} in a LayerMap; the kinds are {KINDS}.")
         return info.kind == key
     if isinstance(key, type):
         return info.kind in WEIGHTED and info.module is not None and issubclass(info.module, key)
@@ -99,11 +109,16 @@ def _key_name(key) -> str:
 @jax.tree_util.register_pytree_node_class
 class LayerMap(Composite):
     """Rules by layer kind or module class; `first` overrides the first matching layer;
-    `stabilizer` is that of the default `Norm` for sums, means and pooling (None: 1e-6)."""
+    `stabilizer` is that of the default rules for sums, means, pooling, normalizations and
+    bilinear matmuls (None: 1e-6); `hold` the operation kinds whose outputs are constants to
+    LRP (`("softmax",)`: attention weights, as CP-LRP)."""
 
-    def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None, stabilizer=None):
+    def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None, stabilizer=None, hold=()):
         self.mapping = dict(mapping)
         self.stabilizer = stabilizer
+        self.hold = frozenset(hold)
+        if not self.hold <= {"softmax"}:
+            raise ValueError(f"LayerMap can hold constant only 'softmax' outputs, got {sorted(self.hold)}.")
         if isinstance(first, Rule):
             first = {WEIGHTED: first}
         self.first = None if first is None else dict(first)
@@ -126,12 +141,13 @@ class LayerMap(Composite):
     def tree_flatten(self):
         first = self.first or {}
         children = (tuple(self.mapping.values()), tuple(first.values()), self.stabilizer)
-        return children, (tuple(self.mapping), tuple(first), self.first is not None)
+        return children, (tuple(self.mapping), tuple(first), self.first is not None, self.hold)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        keys, first_keys, has_first = aux
+        keys, first_keys, has_first, hold = aux
         obj = object.__new__(cls)
+        obj.hold = hold
         obj.mapping = dict(zip(keys, children[0]))
         obj.first = dict(zip(first_keys, children[1])) if has_first else None
         obj.stabilizer = children[2]
@@ -142,7 +158,8 @@ class LayerMap(Composite):
         first = "" if self.first is None else ", first={" + ", ".join(
             f"{_key_name(k)}: {r!r}" for k, r in self.first.items()) + "}"
         stabilizer = "" if self.stabilizer is None else f", stabilizer={self.stabilizer!r}"
-        return f"LayerMap({{{items}}}{first}{stabilizer})"
+        hold = "" if not self.hold else f", hold={tuple(sorted(self.hold))!r}"
+        return f"LayerMap({{{items}}}{first}{stabilizer}{hold})"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -192,6 +209,10 @@ class Combined(Composite):
     @property
     def stabilizer(self):
         return next((c.stabilizer for c in self.composites if c.stabilizer is not None), None)
+
+    @property
+    def hold(self):
+        return frozenset().union(*(c.hold for c in self.composites))
 
     def tree_flatten(self):
         return (self.composites,), None
@@ -253,3 +274,21 @@ def LRP0() -> LayerMap:
     """LRP-0 [Bach2015]: every dense and conv layer `Epsilon(0)`, every sum, mean and pooling
     `Norm(0)`. On a ReLU network it equals gradient × input; a zero denominator gives zero."""
     return LayerMap({WEIGHTED: _rules.Epsilon(0.0)}, stabilizer=0.0)
+
+
+def _transformer(epsilon, gamma, hold) -> LayerMap:
+    linear = _rules.Epsilon(epsilon) if gamma is None else _rules.Gamma(gamma, epsilon)
+    return LayerMap({WEIGHTED: linear, "bilinear": _rules.Bilinear(epsilon)}, stabilizer=epsilon, hold=hold)
+
+
+def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None) -> LayerMap:
+    """AttnLRP [Achtibat2024]: Epsilon(ε) for dense and conv layers (Gamma(γ) with `gamma`),
+    the softmax rule, `Bilinear(ε)` for Q·Kᵀ and A·V, and every stabilizer (norms, residual
+    adds, means) ε."""
+    return _transformer(epsilon, gamma, ())
+
+
+def CPLRP(epsilon: float = 1e-6, gamma: float | None = None) -> LayerMap:
+    """CP-LRP [Ali2022]: as `AttnLRP`, with the attention weights held constant: relevance
+    reaches the values through `V ↦ A·V` (the ε rule) and nothing flows into Q and K."""
+    return _transformer(epsilon, gamma, ("softmax",))

@@ -26,6 +26,11 @@ References:
   [Lapuschkin2019] S. Lapuschkin, S. Wäldchen, A. Binder, G. Montavon, W. Samek, K.-R. Müller.
     Unmasking Clever Hans predictors and assessing what machines really learn. Nature
     Communications 10, 2019.
+  [Achtibat2024] R. Achtibat, S. M. V. Hatefi, M. Dreyer, A. Jain, T. Wiegand, S. Lapuschkin,
+    W. Samek. AttnLRP: Attention-aware layer-wise relevance propagation for transformers.
+    ICML 2024.
+  [Ali2022] A. Ali, T. Schnake, O. Eberle, G. Montavon, K.-R. Müller, L. Wolf. XAI for
+    transformers: better explanations through conservative propagation. ICML 2022.
   [Anders2021] C. J. Anders, D. Neumann, W. Samek, K.-R. Müller, S. Lapuschkin. Software for
     dataset-wide XAI: from local explanations to global insights with Zennit, CoRelAy, and
     ViRelAy. arXiv:2106.13200, 2021.
@@ -52,6 +57,8 @@ __all__ = [
     "WSquare",
     "Norm",
     "Pass",
+    "Bilinear",
+    "Softmax",
     "stabilize",
 ]
 
@@ -331,3 +338,37 @@ class Pass(Rule):
                 f"got inputs shaped {[x.shape for x in inputs]}."
             )
         return (relevance.astype(inputs[0].dtype),)
+
+
+@_rule
+class Bilinear(Rule):
+    """A product of two activations by a matmul (Q·Kᵀ, A·V) [Achtibat2024, Prop. 3.3]: the ε
+    rule on the product, then half to each operand.
+
+    `z = scale·(a·b)`, `s = R / stab(2z, ε)`, `R_a = a ⊙ (s·bᵀ)`, `R_b = b ⊙ (aᵀ·s)`. The
+    default for every such matmul, with the composite's stabilizer.
+    """
+
+    epsilon: float = 1e-6
+
+    def __call__(self, layer, inputs, relevance):
+        _, back = _linearize(layer.product, inputs)
+        s = _divide(relevance, stabilize(2 * layer.output, self.epsilon))
+        return _mul(inputs, back(s))
+
+
+@_rule
+class Softmax(Rule):
+    """The softmax rule [Achtibat2024, Prop. 3.1]: with `x` the input and `s` the output,
+    `R_in = x ⊙ (R − s ⊙ Σ R)`, the sum over the softmax axes. Masked entries (−inf, or a large
+    negative fill, where s = 0) get zero relevance, never NaN. The default for every softmax.
+    """
+
+    def __call__(self, layer, inputs, relevance):
+        (x,) = inputs
+        # A masked entry (−inf, or a fill near the dtype's lowest value, as Flax's and JAX's
+        # attention use) takes no relevance, even in a row where every entry is masked.
+        masked = ~jnp.isfinite(x) | (x <= jnp.finfo(x.dtype).min / 2)
+        x = jnp.where(masked, 0, x).astype(relevance.dtype)
+        total = layer.linear((relevance,), None)  # Σ R over the softmax axes, kept as size 1
+        return (x * (relevance - layer.output * total),)
