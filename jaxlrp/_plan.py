@@ -415,6 +415,8 @@ class _Planner:
             self._claim(nodes, lambda nodes=nodes, source=source, axes=tuple(reduce.params["axes"]): self._softmax(nodes, source, axes))
 
     def _softmax(self, nodes: list[Node], source: Value, axes: tuple[int, ...]) -> None:
+        if not self.carries(nodes[-1].outputs[0]):  # under a stop_gradient: computed as it is
+            return
         self.skipped.update(nodes[:-1])
         path, module = self.describe(nodes[-1].scope)
         shape = tuple(source.shape)

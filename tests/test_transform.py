@@ -197,7 +197,7 @@ def _mesh_and_batch():
     return mesh, variables, x, jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
 
 
-@pytest.mark.parametrize("name", models.NAMED)
+@pytest.mark.parametrize("name", ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"])
 def test_shard_map_equals_unsharded(name):
     """Every custom_vjp's cotangents have its inputs' types, varying manual axes included,
     with the parameters passed in (replicated) and closed over."""
