@@ -52,7 +52,7 @@ def trace(module: nn.Module, variables, x, apply_kwargs: dict) -> Traced:
 
     try:
         closed = jax.make_jaxpr(apply)(variables, x)
-    except flax.errors.ModifyScopeVariableError as error:
+    except (flax.errors.ModifyScopeVariableError, flax.errors.InvalidRngError) as error:
         raise ValueError(_training_mode_message(module, apply_kwargs, error)) from error
     return Traced(closed, jax.tree.leaves(variables), describe_marks(records, root=("", type(module))))
 
@@ -74,6 +74,7 @@ def _training_mode_message(module: nn.Module, apply_kwargs: dict, error: Excepti
     )
     given = f" with {apply_kwargs}" if apply_kwargs else ""
     return (
-        f"jaxlrp: {type(module).__name__}{given} runs in training mode: it updates a variable "
-        f"({error}). LRP explains a model in inference mode: {fix}."
+        f"jaxlrp: {type(module).__name__}{given} runs in training mode: it updates a variable or "
+        f"draws random numbers ({str(error).splitlines()[0]}). LRP explains a model in inference "
+        f"mode: {fix}."
     )

@@ -54,12 +54,14 @@ AFFINE = frozenset("add sub mul div neg".split())
 SCALING = frozenset("mul div neg".split())
 STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
 # Ops that keep every value (up to rounding): a layer's chain absorbs them as if absent.
-VALUE_PRESERVING = frozenset("convert_element_type copy copy_p".split())
+VALUE_PRESERVING = frozenset("convert_element_type copy".split())
+# What a layer's chain and a weight's name look through.
+RESHAPING = STRUCTURAL | VALUE_PRESERVING
 GRADIENT = frozenset(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice
     dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
     reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
-    stop_gradient optimization_barrier""".split()
+    stop_gradient optimization_barrier pvary pcast""".split()
 )
 TAPS = frozenset("gather dynamic_slice".split())
 # Ops whose output is >= 0 when their float operands are (selections, reshapes, max-pooling).
@@ -462,7 +464,7 @@ class _Planner:
             if node.name != "sub" or node in self.absorbed or not all(self.carries(a) for a in node.inputs):
                 continue
             x, mean = node.inputs
-            total, walked = self._through(mean, STRUCTURAL | VALUE_PRESERVING | SCALING)
+            total, walked = self._through(mean, RESHAPING | SCALING)
             reduce = self._producer_of(total, frozenset({"reduce_sum"}))
             if reduce is None or any(
                 n.name in SCALING and any(self.carries(a) for a in n.inputs if a is not n.inputs[0]) for n in walked
@@ -484,7 +486,14 @@ class _Planner:
         """`([patches, reshapes..., dot], weight position)` when `node` extracts patches (a
         convolution with a constant kernel) that feed, through reshapes only, a dense map with a
         learned weight (`nn.ConvLocal`); else None."""
-        if node.name != "conv_general_dilated" or self._is_learned(node.inputs[weight]):
+        if node.name != "conv_general_dilated" or self._is_learned(node.inputs[weight]) or weight != 1:
+            return None
+        # A patch extraction (`lax.conv_general_dilated_patches`): one group per input feature,
+        # one output feature per input feature and window position. A fixed filter is not one.
+        kernel, numbers = node.inputs[1].shape, node.params["dimension_numbers"]
+        features = node.inputs[0].shape[numbers.lhs_spec[1]]
+        window = int(np.prod([kernel[d] for d in numbers.rhs_spec[2:]]))
+        if node.params["feature_group_count"] != features or kernel[numbers.rhs_spec[0]] != features * window:
             return None
         nodes, value = [node], node.outputs[0]
         while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
@@ -530,14 +539,14 @@ class _Planner:
     @staticmethod
     def _merges(node: Node) -> bool:
         """Whether an absorbed node computes something (not a dtype conversion or reshape)."""
-        return node.name not in STRUCTURAL and node.name not in VALUE_PRESERVING
+        return node.name not in RESHAPING
 
     def _weight_names(self, weight: Atom) -> tuple[str, ...]:
         """The names of the parameter a weight is read from, through conversions and reshapes."""
         while isinstance(weight, Value) and weight not in self.names:
             node = self.producer.get(weight)
             values = [] if node is None else [a for a in node.inputs if isinstance(a, Value)]
-            if len(values) != 1 or not (node.name in STRUCTURAL or node.name in VALUE_PRESERVING):
+            if len(values) != 1 or node.name not in RESHAPING:
                 return ()
             weight = values[0]
         return self.names.get(weight, ())
@@ -549,7 +558,7 @@ class _Planner:
         while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
             user = self.uses[value][0]
             others = [a for a in user.inputs if a is not value]
-            if (user.name in STRUCTURAL or user.name in VALUE_PRESERVING) and len(user.inputs) == 1:
+            if user.name in RESHAPING and len(user.inputs) == 1:
                 if not is_float(user.outputs[0]):
                     break
             elif (
@@ -602,13 +611,12 @@ class _Planner:
         return PassStep(source, nodes, output, extras, self._affine_info(nodes, source, output))
 
     def _affine_info(self, nodes: list[Node], source: Value, output: Value) -> LayerInfo | None:
-        """A row for the rule table when the region applies an affine map with a learned operand
-        (`x·a + b`, a BatchNorm that no layer feeds) outside a piecewise choice (PReLU's
-        `where(x > 0, x, a·x)` is an activation)."""
+        """A row for the rule table when the region shifts by a learned value (`x·a + b`, a
+        BatchNorm that no layer absorbs, a learned positional embedding): passing relevance
+        through a shift gives the shift's share to the input. A learned scale alone (PReLU's
+        slope, LayerScale, a temperature) loses nothing by passing and is not reported."""
         for node in nodes:
-            if node.name in AFFINE and any(self._is_learned(a) for a in node.inputs) and not any(
-                u is not None and u.name == "select_n" for u in self.uses[node.outputs[0]]
-            ):
+            if node.name in ("add", "sub") and any(self._is_learned(a) for a in node.inputs):
                 path, module = self.describe(node.scope)
                 shape = tuple(output.shape)
                 return LayerInfo(path, module, AFFINE_KIND, input_shapes=(tuple(source.shape),), output_shape=shape)

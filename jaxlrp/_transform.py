@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import numpy as np
 from jaxlrp import _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
-from jaxlrp._program import Traced, from_closed_jaxpr
+from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
 from jaxlrp._table import AFFINE_KIND, FIXED, TRANSFORMER, RuleTable
 from jaxlrp.composites import Composite
 
@@ -85,7 +86,9 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
     Returns `explain(*args, target=None)`: the relevance of `args[argnums]`. Each matmul or
     convolution with one parameter operand is a layer; `LayerMap` keys are its kind
     (`"dense"`, `"conv"`), `first=` means the first in execution order, and `NameMap` patterns
-    match the `jax.named_scope` the layer was traced in.
+    match the `jax.named_scope` the layer was traced in or its weight's key path in the other
+    arguments (`['w1']`, `.layers[3].weight`, `layers/3`, Haiku's `mlp/~/linear_2`). Leaves of
+    the other arguments that are not arrays are static, so an Equinox model is passed as it is.
 
     Example::
 
@@ -102,7 +105,7 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
         position = argnums % len(args)
         x, others = args[position], (*args[:position], *args[position + 1 :])
         bind = functools.partial(_function.trace, fn, position, others)
-        return _output_and_relevance(bind, (x,), composite, target)[1]
+        return _output_and_relevance(bind, (x,), composite, target, others)[1]
 
     return explain
 
@@ -193,20 +196,30 @@ def _plan(traced: Traced, composite: Composite) -> Plan:
     plan = make_plan(program, [False] * n_params + [True], traced.describe, traced.names, composite.hold)
     for step in plan.table_steps():
         if step.info.kind == AFFINE_KIND:
+            info = step.info
+            module = f" ({info.type_name})" if info.module is not None else ""
             warnings.warn(
-                f"jaxlrp: module '{step.info.path or '<root>'}' ({step.info.type_name}) applies an affine "
-                f"map with learned parameters that no dense or conv layer feeds, so it cannot be merged "
-                f"into one; relevance passes through it unchanged (zennit does the same). rule_table "
-                f"shows it as a layer of kind 'affine'.",
+                f"jaxlrp: '{info.path or '<root>'}'{module} shifts its input by a learned value (a "
+                f"BatchNorm, a bias, a positional embedding) that no dense or conv layer absorbs; relevance "
+                f"passes through it unchanged, the shift's share included (zennit does the same). "
+                f"rule_table shows it as a layer of kind 'affine'.",
                 UnmergedAffineWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
     return plan
 
 
 class UnmergedAffineWarning(UserWarning):
-    """An affine map with learned parameters (a BatchNorm) that jaxlrp could not merge into a
-    dense or conv layer: relevance passes through it unchanged."""
+    """A shift by a learned value (a BatchNorm, a positional embedding) that jaxlrp could not
+    merge into a dense or conv layer: relevance passes through it unchanged."""
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that attributes a warning to the first caller outside jaxlrp."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("jaxlrp."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _resolve(composite: Composite, plan: Plan) -> dict:
@@ -270,18 +283,23 @@ def _seed(out: jax.Array, target) -> jax.Array:
             f"jaxlrp: an integer target is a class index per sample, shape () or {out.shape[:-1]}, "
             f"got {target.shape}."
         )
-    if not isinstance(target, jax.core.Tracer):
+    if _is_concrete(target):
         t = np.asarray(target)
         if np.any(t < 0) or np.any(t >= out.shape[-1]):
             raise ValueError(f"jaxlrp: target class out of range [0, {out.shape[-1]}): {t}.")
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
 
 
-def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target):
-    """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained."""
+def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=()):
+    """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained
+    (`others`: what `bind` closes over)."""
     x = inputs[-1]
     _check_input(x)
-    traced = bind(*inputs)
+    # Inside jax.shard_map, the explained input varies along every manual axis that the
+    # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
+    # a target per device): so does the relevance, which then needs no sum over devices.
+    x = _varying_like(x, (inputs[:-1], others, composite, target))
+    traced = bind(*inputs[:-1], x)
     plan = _plan(traced, composite)
     resolved = _resolve(composite, plan)
     params = traced.params
@@ -294,6 +312,12 @@ def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite:
         (relevance,) = pullback(_seed(out, target))
         return out, relevance
     return _token_relevance(plan, resolved, params, x, target)
+
+
+def _varying_like(x, trees):
+    axes = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(trees) if isinstance(leaf, jax.Array)))
+    missing = tuple(sorted(axes - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _token_relevance(plan: Plan, resolved, params, x, target):

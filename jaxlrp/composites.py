@@ -28,7 +28,9 @@ The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGener
 | `EpsilonAlpha2Beta1`      | AlphaBeta(2, 1) | Epsilon  |                        |
 | `EpsilonAlpha2Beta1Flat`  | AlphaBeta(2, 1) | Epsilon  | Flat (first dense/conv)|
 | `EpsilonGammaBox`         | Gamma           | Epsilon  | ZBox (first conv)      |
-| `LRP0`                    | Epsilon(0)      | Epsilon(0) | sums Norm(0)         |
+| `LRP0`                    | Epsilon(0)      | Epsilon(0) |                      |
+
+`LRP0` also gives sums, means and pooling Norm(0): gradient × input on a ReLU network.
 
 For transformers [Achtibat2024, Ali2022], `AttnLRP(epsilon, gamma=None)`: dense and conv layers
 Epsilon(ε) (Gamma(γ) when `gamma` is set, for vision transformers), softmax by its own rule,

@@ -159,3 +159,15 @@ def test_training_mode_says_what_to_pass():
         jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x)
     relevance = jaxlrp.lrp(model, composites.EpsilonPlus(), train=False)(variables, x)
     assert relevance.shape == x.shape
+
+
+def test_dropout_in_training_mode_says_what_to_pass():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(nn.Dense(4)(x)))
+
+    x = jnp.ones((2, 3))
+    variables = Net().init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match=r"draws random numbers.*pass train=False"):
+        jaxlrp.lrp(Net(), composites.EpsilonPlus())(variables, x)

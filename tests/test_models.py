@@ -59,7 +59,7 @@ def test_batchnorm_that_no_layer_feeds_passes_relevance():
         return normalized * scale["scale"] + scale["bias"]
 
     variables["batch_stats"]["BatchNorm_0"]["var"] = jnp.abs(stats["var"])
-    with pytest.warns(jaxlrp.UnmergedAffineWarning, match="module 'BatchNorm_0' \\(nn.BatchNorm\\)"):
+    with pytest.warns(jaxlrp.UnmergedAffineWarning, match="'BatchNorm_0' \\(nn.BatchNorm\\) shifts"):
         table = jaxlrp.rule_table(Net(), EPSILON, variables, x)
     assert [(info.path, info.kind, info.merged) for info in table.layers] == [
         ("Dense_0", "dense", ()), ("BatchNorm_0", "affine", ()), ("Dense_1", "dense", ())
@@ -355,6 +355,20 @@ def test_composite_stabilizer_sets_the_default_for_sums():
         assert [r for r, info in zip(table.rules, table.layers) if info.kind in ("sum", "avg_pool")] == [expected] * 2
 
 
+def test_a_fixed_filter_before_a_dense_layer_is_no_conv_local():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            sobel = jnp.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])[:, :, None, None]
+            h = jax.lax.conv_general_dilated(x, sobel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 1), jnp.float64)
+    variables = Net().init(jax.random.PRNGKey(1), x)
+    table = jaxlrp.rule_table(Net(), composites.EpsilonPlus(), variables, x)
+    assert [(info.path, info.kind) for info in table.layers] == [("", "sum"), ("Dense_0", "dense")]
+
+
 def test_conv_local_is_one_conv_layer():
     model = nn.ConvLocal(3, (3, 3), padding="SAME")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 2), jnp.float64)
@@ -387,3 +401,27 @@ def test_matmul_with_a_stop_gradient_operand_is_a_fixed_map():
     ]
     relevance = jaxlrp.lrp(model, composites.LRP0())(variables, x)
     np.testing.assert_allclose(relevance, _gradient_x_input(lambda x: model.apply(variables, x), x), rtol=1e-12)
+
+
+def test_a_learned_scale_passes_silently_a_learned_shift_is_reported():
+    class Net(nn.Module):
+        shift: bool
+
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6)(x)
+            slope = self.param("slope", nn.initializers.constant(0.1), (6,))
+            h = jnp.where(h > 0, h, slope * h) * self.param("layer_scale", nn.initializers.ones, (6,))  # PReLU
+            if self.shift:
+                h = h + self.param("position", nn.initializers.normal(1.0), (6,))
+            return nn.Dense(3)(h)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5), jnp.float64)
+    variables = Net(False).init(jax.random.PRNGKey(1), x)
+    assert [info.kind for info in jaxlrp.rule_table(Net(False), EPSILON, variables, x).layers] == ["dense", "dense"]
+    relevance = jaxlrp.lrp(Net(False), composites.LRP0())(variables, x)
+    np.testing.assert_allclose(relevance, _gradient_x_input(lambda x: Net(False).apply(variables, x), x), rtol=1e-12)
+    variables = Net(True).init(jax.random.PRNGKey(1), x)
+    with pytest.warns(jaxlrp.UnmergedAffineWarning, match=r"^jaxlrp: '<root>' \(Net\) shifts"):
+        table = jaxlrp.rule_table(Net(True), EPSILON, variables, x)
+    assert [info.kind for info in table.layers] == ["dense", "affine", "dense"]

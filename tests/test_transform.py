@@ -238,16 +238,18 @@ def _gamma_sweep(variables, x, target=None):
     return explain
 
 
+GAMMAS = jnp.linspace(0.0, 1.0, 8)
 TRANSFORMS = {
-    "jit": lambda f: jax.jit(f)(0.25),
-    "vmap": lambda f: jax.vmap(f)(jnp.array([0.0, 0.25])),
-    "jit(vmap)": lambda f: jax.jit(jax.vmap(f))(jnp.array([0.0, 0.25])),
-    "grad": lambda f: jax.grad(lambda g: f(g).sum())(0.25),
-    "shard_map": lambda f: _shard_map_over_gammas(f, jnp.full(8, 0.25)),
+    "jit": lambda f: jax.jit(f)(GAMMAS[3]),
+    "vmap": lambda f: jax.vmap(f)(GAMMAS),
+    "jit(vmap)": lambda f: jax.jit(jax.vmap(f))(GAMMAS),
+    "grad": lambda f: jax.grad(lambda g: f(g).sum())(GAMMAS[3]),
+    "shard_map": lambda f: _shard_map_over_gammas(f, GAMMAS),
 }
 
 
 def _shard_map_over_gammas(f, gammas):
+    """One gamma per device, everything else closed over: the relevance varies per device."""
     mesh = jax.make_mesh((8,), ("d",))
     spec = PartitionSpec("d")
     sharded = jax.shard_map(lambda g: f(g[0])[None], mesh=mesh, in_specs=spec, out_specs=spec)
@@ -257,8 +259,42 @@ def _shard_map_over_gammas(f, gammas):
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_closed_over_input_and_target_inside_transforms(setup, transform):
     variables, x = setup
-    result = TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1, 2, 1])))
-    assert bool(jnp.all(jnp.isfinite(result)))
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)  # see _mesh_and_batch
+    sweep = _gamma_sweep(variables, x, jnp.array([0, 1, 2, 1]))
+    result = TRANSFORMS[transform](sweep)
+    if transform == "grad":
+        expected = _finite_difference(lambda g: sweep(g).sum(), GAMMAS[3], 1.0, h=1e-5)
+        np.testing.assert_allclose(result, expected, rtol=1e-5)
+        return
+    expected = sweep(GAMMAS[3]) if transform == "jit" else jnp.stack([sweep(g) for g in GAMMAS])
+    np.testing.assert_allclose(result, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_shard_map_with_a_target_per_device():
+    mesh, variables, x, _ = _mesh_and_batch()
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonPlusFlat())
+    spec = PartitionSpec("d")
+    mesh = jax.make_mesh((8,), ("d",))
+    classes = jnp.arange(8) % 3
+    per_device = jax.shard_map(lambda t: explain(variables, x, jnp.full(16, t[0]))[None], mesh=mesh,
+                               in_specs=spec, out_specs=spec)
+    result = jax.jit(per_device)(jax.device_put(classes, NamedSharding(mesh, spec)))
+    expected = jnp.stack([explain(variables, x, jnp.full(16, c)) for c in classes])
+    np.testing.assert_allclose(result, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_shard_map_over_an_ensemble():
+    """Each device holds its own parameters; the input is closed over."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 2), jnp.float64)
+    members = [jax.tree.map(lambda a: a.astype(jnp.float64), models.init(MODEL, x.shape, seed=s)[0]) for s in range(8)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonGammaBox(-3.0, 3.0))
+    mesh = jax.make_mesh((8,), ("e",))
+    spec = PartitionSpec("e")
+    per_member = jax.shard_map(lambda v: explain(jax.tree.map(lambda a: a[0], v), x)[None], mesh=mesh,
+                               in_specs=spec, out_specs=spec)
+    result = jax.jit(per_member)(jax.device_put(stacked, NamedSharding(mesh, spec)))
+    np.testing.assert_allclose(result, jnp.stack([explain(v, x) for v in members]), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -270,9 +306,10 @@ def test_checks_on_closed_over_values_run_inside_transforms(setup, transform):
         TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1, 2, 3])))
     with pytest.raises(ValueError, match="shape \\(\\) or \\(4,\\)"):
         TRANSFORMS[transform](_gamma_sweep(variables, x, jnp.array([0, 1])))
+    alpha, beta = jnp.asarray(3.0), jnp.asarray(1.0)  # concrete arrays, closed over
     with pytest.raises(ValueError, match="AlphaBeta needs"):
         TRANSFORMS[transform](lambda g: jaxlrp.lrp(MODEL, composites.LayerMap(
-            {("dense", "conv"): rules.AlphaBeta(3.0, 1.0)}))(variables, x) * g)
+            {("dense", "conv"): rules.AlphaBeta(alpha, beta)}))(variables, x) * g)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
