@@ -410,9 +410,12 @@ class _Planner:
                 source = shift.inputs[0]
             if len(self.uses[numerator]) != 2 or any(len(self.uses[n.outputs[0]]) != 1 for n in nodes[:-1] if n not in (exp,)):
                 continue
-            if "softmax" in self.hold:
-                self.held.update((user, i) for user in self.uses[node.outputs[0]] if user is not None
-                                 for i, a in enumerate(user.inputs) if a is node.outputs[0])
+            if "softmax" in self.hold:  # held where it is used, past reshapes and conversions
+                value = node.outputs[0]
+                while len(self.uses[value]) == 1 and getattr(self.uses[value][0], "name", None) in RESHAPING:
+                    value = self.uses[value][0].outputs[0]
+                self.held.update((user, i) for user in self.uses[value] if user is not None
+                                 for i, a in enumerate(user.inputs) if a is value)
                 continue
             self._claim(nodes, lambda nodes=nodes, source=source, axes=tuple(reduce.params["axes"]): self._softmax(nodes, source, axes))
 

@@ -149,3 +149,137 @@ def test_padding_gets_zero_relevance_and_no_nan(block, dtype, name):
     assert relevance.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(relevance.astype(jnp.float32))))
     assert bool(jnp.all(relevance[0, 3:] == 0))
+
+
+VOCAB, WIDTH, Q_HEADS, KV_HEADS = 11, 8, 4, 2
+
+
+def _rms_norm(x, scale):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+def _rotary(x):  # (batch, tokens, heads, depth)
+    half = x.shape[-1] // 2
+    angles = jnp.arange(x.shape[1])[:, None] / 10000 ** (jnp.arange(half) / half)
+    cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+    cos, sin = jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def decoder(params, tokens):
+    """A bias-free decoder block written with jnp: token embedding, RMSNorm, rotary
+    embeddings, grouped-query causal attention (`jax.nn.dot_product_attention`), a SiLU-gated
+    MLP, the next-token logits of the last position through the tied embedding."""
+    x = params["embed"][tokens]
+    batch, length, depth = *tokens.shape, WIDTH // Q_HEADS
+    h = _rms_norm(x, params["norm1"])
+    q = _rotary((h @ params["wq"]).reshape(batch, length, Q_HEADS, depth))
+    k = _rotary((h @ params["wk"]).reshape(batch, length, KV_HEADS, depth))
+    v = (h @ params["wv"]).reshape(batch, length, KV_HEADS, depth)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    x = x + attended.reshape(batch, length, WIDTH) @ params["wo"]
+    h = _rms_norm(x, params["norm2"])
+    x = x + (jax.nn.silu(h @ params["gate"]) * (h @ params["up"])) @ params["down"]
+    return _rms_norm(x[:, -1], params["norm3"]) @ params["embed"].T
+
+
+@pytest.fixture(scope="module")
+def decoder_params():
+    shapes = {"embed": (VOCAB, WIDTH), "norm1": (WIDTH,), "norm2": (WIDTH,), "norm3": (WIDTH,),
+              "wq": (WIDTH, WIDTH), "wk": (WIDTH, WIDTH // 2), "wv": (WIDTH, WIDTH // 2), "wo": (WIDTH, WIDTH),
+              "gate": (WIDTH, 16), "up": (WIDTH, 16), "down": (16, WIDTH)}
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float64) for k, s in shapes.items()}
+    params.update({k: 1 + 0.2 * params[k] for k in ("norm1", "norm2", "norm3")})
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (3, 6)))
+    return params, tokens
+
+
+def test_decoder_rule_table(decoder_params):
+    params, tokens = decoder_params
+    table = jaxlrp.rule_table(decoder, composites.AttnLRP(), params, tokens)
+    kinds = [info.kind for info in table.layers]
+    assert kinds.count("norm") == 3 and kinds.count("softmax") == 1 and kinds.count("bilinear") == 2
+    assert "affine" not in kinds
+    assert {info.param for info in table.layers if info.kind == "dense"} == {
+        "['wq']", "['wk']", "['wv']", "['wo']", "['gate']", "['up']", "['down']", "['embed']"}
+
+
+def test_cplrp_conserves_on_a_bias_free_decoder(decoder_params):
+    """CP-LRP holds the attention constant; with no bias anywhere each step is conservative
+    (norms with 1/σ constant, rotary's products with constants and their sum, the gated MLP's
+    even split), so the per-token relevance adds up to the explained logit."""
+    params, tokens = decoder_params
+    out, relevance = jax.jit(jaxlrp.output_and_lrp(decoder, composites.CPLRP(epsilon=1e-12)))(params, tokens)
+    assert relevance.shape == tokens.shape
+    np.testing.assert_allclose(relevance.sum(-1), out.max(-1), rtol=1e-8)
+
+
+def test_attnlrp_on_the_decoder_is_finite_and_the_same_under_jit_and_vmap(decoder_params):
+    params, tokens = decoder_params
+    explain = jaxlrp.lrp(decoder, composites.AttnLRP(epsilon=1e-6))
+    relevance = explain(params, tokens)
+    assert bool(jnp.all(jnp.isfinite(relevance)))
+    # jax.nn.dot_product_attention computes its softmax in float32 even in float64 mode.
+    np.testing.assert_allclose(jax.jit(explain)(params, tokens), relevance, rtol=1e-5, atol=1e-8)
+    per_sample = jax.vmap(lambda t: explain(params, t[None])[0])(tokens)
+    np.testing.assert_allclose(per_sample, relevance, rtol=1e-5, atol=1e-8)
+
+
+def test_linen_function_and_nnx_give_equal_maps(block):
+    """The stock-Flax block, as a Linen module, as a plain function of its variables, and as
+    the same model in NNX (nnx.LayerNorm, nnx.MultiHeadAttention, nnx.Linear)."""
+    from flax import nnx
+
+    variables, x = block
+    composite = composites.AttnLRP(epsilon=1e-8)
+    linen = jaxlrp.lrp(Block(), composite)(variables, x)
+    function = jaxlrp.lrp_fn(lambda v, x: Block().apply(v, x), composite)(variables, x)
+    np.testing.assert_allclose(function, linen, rtol=1e-12)
+
+    class NNXBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1, self.ln2 = nnx.LayerNorm(FEATURES, rngs=rngs), nnx.LayerNorm(FEATURES, rngs=rngs)
+            self.attention = nnx.MultiHeadAttention(HEADS, FEATURES, FEATURES, decode=False, rngs=rngs)
+            self.fc1 = nnx.Linear(FEATURES, 2 * FEATURES, rngs=rngs)
+            self.fc2 = nnx.Linear(2 * FEATURES, FEATURES, rngs=rngs)
+            self.head = nnx.Linear(FEATURES, 3, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attention(self.ln1(x))
+            x = x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+            return self.head(x.mean(1))
+
+    model = NNXBlock(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    for path, value in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+        key = tuple(str(getattr(p, "key", p)) for p in path)
+        flat[key] = flat[key].replace(jnp.asarray(value))
+    state = nnx.from_flat_state(flat)
+    nnx_out, nnx_map = jaxlrp.output_and_lrp(graphdef, composite)(state, x)
+    # NNX's attention computes in float32 somewhere: its own forward pass is 2e-8 off Linen's.
+    np.testing.assert_allclose(nnx_out, Block().apply(variables, x), rtol=1e-6)
+    np.testing.assert_allclose(nnx_map, linen, rtol=1e-5, atol=1e-8)
+    table = jaxlrp.rule_table(graphdef, composite, state, x)
+    assert [info.kind for info in table.layers if info.path == "attention"] == ["bilinear", "softmax", "bilinear"]
+    assert [info.module for info in table.layers if info.kind == "norm"] == [nnx.LayerNorm, nnx.LayerNorm]
+
+
+def test_flax_norms_are_norm_layers():
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, FEATURES), jnp.float64)
+    for norm in (nn.LayerNorm(), nn.RMSNorm()):
+        model = nn.Sequential([norm, nn.Dense(2)])
+        variables = model.init(jax.random.PRNGKey(1), x)
+        table = jaxlrp.rule_table(model, composites.AttnLRP(), variables, x)
+        assert [info.kind for info in table.layers] == ["norm", "dense"], norm
+    for norm in (nnx.LayerNorm(FEATURES, rngs=nnx.Rngs(0)), nnx.RMSNorm(FEATURES, rngs=nnx.Rngs(0))):
+        table = jaxlrp.rule_table(norm, composites.AttnLRP(), x)
+        assert [info.kind for info in table.layers] == ["norm"], norm
+        seed = jax.random.normal(jax.random.PRNGKey(2), x.shape, jnp.float64)
+        relevance = jaxlrp.lrp(norm, composites.AttnLRP(epsilon=1e-12))(x, target=seed)
+        # the ε rule on x ↦ (x − mean)·scale/σ (+ bias 0): conservative
+        np.testing.assert_allclose(relevance.sum(-1), seed.sum(-1), rtol=1e-8)
