@@ -1,7 +1,7 @@
 """jaxlrp: Layer-wise Relevance Propagation as a JAX function transformation.
 
     import jaxlrp
-    from jaxlrp import composites, rules
+    from jaxlrp import composites, rules, viz
 
     explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
     relevance = explain(variables, x, target=None)      # shaped like x
@@ -9,7 +9,7 @@
 See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them.
 """
 
-from jaxlrp import composites, rules
+from jaxlrp import composites, rules, viz
 from jaxlrp._plan import UnsupportedOperation
 from jaxlrp._table import LayerInfo, RuleTable
 from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
@@ -27,4 +27,5 @@ __all__ = [
     "output_and_lrp",
     "rule_table",
     "rules",
+    "viz",
 ]

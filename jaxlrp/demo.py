@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlrp
-from jaxlrp import composites, heatmap
+from jaxlrp import composites, viz
 
 
 class DigitsCNN(nn.Module):
@@ -155,10 +155,10 @@ def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, seed: 
 
     titles = ["input", "EpsPlusFlat", "EpsGammaBox", "EpsA2B1Flat", "grad*input"]
     rows = [
-        [heatmap.gray_to_rgb(x_test[i, ..., 0])] + [heatmap.relevance_to_rgb(results[n][i]) for n in results]
+        [viz.gray_to_rgb(x_test[i, ..., 0])] + [viz.relevance_to_rgb(results[n][i]) for n in results]
         for i in range(samples)
     ]
-    heatmap.save_grid(out_path / "heatmaps.png", rows, titles, cell=80)
+    viz.save_grid(out_path / "heatmaps.png", rows, titles, cell=80)
     summary = {
         "test_accuracy": accuracy,
         "train_seconds": train_seconds,

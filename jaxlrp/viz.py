@@ -1,15 +1,17 @@
-"""Heatmaps: relevance as colour (red positive, blue negative, white zero) and PNG grids.
+"""Pictures of relevance: colours (red positive, blue negative, white zero, on a symmetric
+scale), PNG grids of image heatmaps, and HTML token heatmaps.
 
-Needs Pillow (`pip install jaxlrp[demo]`) only to write files; the colouring is NumPy.
+Needs Pillow (`pip install jaxlrp[demo]`) only to write PNG files; the colouring is NumPy.
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["relevance_to_rgb", "gray_to_rgb", "save_grid"]
+__all__ = ["relevance_to_rgb", "gray_to_rgb", "save_grid", "text_heatmap"]
 
 
 def relevance_to_rgb(relevance: np.ndarray) -> np.ndarray:
@@ -48,3 +50,28 @@ def save_grid(path, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str],
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (pad + c * (cell + pad), header + pad + r * (cell + pad)))
     canvas.save(path)
+
+
+def text_heatmap(tokens: Sequence[str], relevance) -> str:
+    """A self-contained HTML page: each token on a background coloured by its relevance (red
+    positive, blue negative, white zero, on the symmetric scale `[-max|R|, max|R|]`), its
+    value in the tooltip.
+
+    Example::
+
+        page = jaxlrp.viz.text_heatmap(["the", "cat", "sat"], relevance[0])
+        pathlib.Path("tokens.html").write_text(page)
+    """
+    relevance = np.asarray(relevance, dtype=np.float64).reshape(-1)
+    if len(tokens) != relevance.size:
+        raise ValueError(f"text_heatmap: {len(tokens)} tokens but {relevance.size} relevance values.")
+    colours = relevance_to_rgb(relevance[None])[0]
+    spans = "".join(
+        f'<span title="{value:.4g}" style="background:rgb({r},{g},{b})">{html.escape(token)}</span>'
+        for token, value, (r, g, b) in zip(tokens, relevance, colours.tolist())
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>jaxlrp token relevance</title>'
+        "<style>body{font-family:monospace;line-height:1.8}span{padding:1px 2px;margin:0 1px;"
+        "white-space:pre}</style></head>\n<body>" + spans + "</body></html>\n"
+    )
