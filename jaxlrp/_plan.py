@@ -361,6 +361,13 @@ class _Planner:
             self.steps[node] = ProductStep(node)
         elif name in GRADIENT or (node.elementwise and not is_float(out)):
             return
+        elif _is_fused_kernel(name):
+            raise UnsupportedOperation(
+                f"`{name}` in {self._where(node)} is a fused kernel (cuDNN attention, Pallas) that jaxlrp "
+                f"cannot see into. Explain through the reference implementation, which computes the same "
+                f"values with ordinary operations: jax.nn.dot_product_attention(..., implementation='xla'), "
+                f"Flax attention with its default attention_fn, or the kernel's plain-JAX reference."
+            )
         else:
             raise UnsupportedOperation(
                 f"jaxlrp does not know how relevance passes through `{name}` in {self._where(node)}. "
@@ -624,6 +631,11 @@ class _Planner:
                 shape = tuple(output.shape)
                 return LayerInfo(path, module, AFFINE_KIND, input_shapes=(tuple(source.shape),), output_shape=shape)
         return None
+
+
+def _is_fused_kernel(name: str) -> bool:
+    """A primitive that runs a hand-written kernel: its computation is not in the jaxpr."""
+    return name in ("pallas_call", "custom_call", "ffi_call") or name.startswith(("dot_product_attention", "cudnn"))
 
 
 def _nonnegative_const(atom: Atom) -> bool:

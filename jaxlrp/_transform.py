@@ -34,6 +34,9 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
     * A plain function `fn(params, x)`: `explain(params, x, target=None)` (see `lrp_fn` for
       other signatures).
 
+    Keyword arguments of `explain` beyond `target` go to the model at call time (`mask=`,
+    `positions=`): arrays that vary per call and are not explained, traced under `jax.jit`.
+
     `target` says where relevance starts:
 
     * `None`: each sample's arg-max output, seeded with that output's value;
@@ -69,13 +72,14 @@ def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[...,
     bind = _binding(model, apply_kwargs)
     if isinstance(model, nnx.Module):
 
-        def explain(x, target=None):
-            return _output_and_relevance(bind, (x,), composite, target)
+        def explain(x, target=None, **call_kwargs):
+            return _output_and_relevance(functools.partial(bind, **call_kwargs), (x,), composite, target, call_kwargs)
 
     else:
 
-        def explain(params, x, target=None):
-            return _output_and_relevance(bind, (params, x), composite, target)
+        def explain(params, x, target=None, **call_kwargs):
+            bound = functools.partial(bind, **call_kwargs)
+            return _output_and_relevance(bound, (params, x), composite, target, call_kwargs)
 
     return explain
 
@@ -131,24 +135,24 @@ def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
     """`bind(*inputs) -> Traced` for the kind of model; the input explained is the last."""
     if isinstance(model, nnx.Module):
 
-        def bind(x):
+        def bind(x, **call_kwargs):
             graphdef, state = nnx.split(model)
-            return _nnx.trace(graphdef, state, x, call_kwargs=apply_kwargs)
+            return _nnx.trace(graphdef, state, x, call_kwargs={**apply_kwargs, **call_kwargs})
 
     elif isinstance(model, nnx.GraphDef):
 
-        def bind(state, x):
-            return _nnx.trace(model, state, x, call_kwargs=apply_kwargs)
+        def bind(state, x, **call_kwargs):
+            return _nnx.trace(model, state, x, call_kwargs={**apply_kwargs, **call_kwargs})
 
     elif isinstance(model, nn.Module):
 
-        def bind(variables, x):
-            return _linen.trace(model, variables, x, apply_kwargs=apply_kwargs)
+        def bind(variables, x, **call_kwargs):
+            return _linen.trace(model, variables, x, apply_kwargs={**apply_kwargs, **call_kwargs})
 
     elif callable(model) and not apply_kwargs:  # a plain function fn(params, x), as lrp_fn(fn, c)
 
-        def bind(params, x):
-            return _function.trace(model, 1, (params,), x)
+        def bind(params, x, **call_kwargs):
+            return _function.trace(functools.partial(model, **call_kwargs), 1, (params,), x)
 
     else:
         raise TypeError(

@@ -171,3 +171,20 @@ def test_dropout_in_training_mode_says_what_to_pass():
     variables = Net().init(jax.random.PRNGKey(0), x, train=False)
     with pytest.raises(ValueError, match=r"draws random numbers.*pass train=False"):
         jaxlrp.lrp(Net(), composites.EpsilonPlus())(variables, x)
+
+
+def test_fused_kernel_says_how_to_explain_through_the_reference():
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.exp(x_ref[...]) * x_ref[...]
+
+    def fn(w, x):
+        h = x @ w
+        fused = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), interpret=True)
+        with jax.named_scope("attention"):
+            return fused(h)
+
+    w, x = jnp.ones((4, 128)), jnp.ones((8, 4))
+    with pytest.raises(jaxlrp.UnsupportedOperation, match=r"`pallas_call` in module 'attention' is a fused kernel.*implementation='xla'"):
+        jaxlrp.lrp_fn(fn, composites.EpsilonPlus())(w, x)
