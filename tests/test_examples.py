@@ -5,6 +5,7 @@ test then checks one script's output, parsed from its machine-checkable lines.
 """
 
 import concurrent.futures
+import math
 import os
 import pathlib
 import re
@@ -14,14 +15,17 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPTS = ("flax_resnet", "equinox_model", "haiku_model", "nnx_orbax", "sharded_batch")
+SCRIPTS = (
+    "flax_resnet", "equinox_model", "haiku_model", "nnx_orbax", "sharded_batch", "vit_digits", "nnx_language_model",
+)
+WRITES_FILES = ("vit_digits", "nnx_language_model")  # these get --out in a temporary folder
 TIMEOUT_S = 120
 
 
-def _run(name: str) -> subprocess.CompletedProcess:
+def _run(name: str, *args: str) -> subprocess.CompletedProcess:
     # The environment is inherited: conftest.py's XLA_FLAGS gives sharded_batch its 8 devices.
     return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--small"],
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--small", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -30,9 +34,11 @@ def _run(name: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("examples")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(_run, name) for name in SCRIPTS}
+    args = {name: ("--out", str(out / name)) if name in WRITES_FILES else () for name in SCRIPTS}
+    futures = {name: pool.submit(_run, name, *args[name]) for name in SCRIPTS}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -109,3 +115,46 @@ def test_sharded_batch(runs):
     assert "sharding P('data'" in out
     assert _number(out, "max |jit - unsharded|") < 1e-5
     assert _number(out, "max |shard_map - unsharded|") < 1e-5
+
+
+def _written(output: str, suffix: str) -> pathlib.Path:
+    """The file a script reports as `wrote PATH`."""
+    match = re.search(r"^wrote (\S+" + re.escape(suffix) + r")$", output, re.MULTILINE)
+    assert match, f"no 'wrote ...{suffix}' in:\n{output}"
+    path = pathlib.Path(match.group(1))
+    assert path.is_file() and path.stat().st_size > 0, path
+    return path
+
+
+def test_vit_digits(runs):
+    out = _output(runs, "vit_digits")
+    assert _number(out, "test accuracy") > 0.5  # ten classes: chance is 0.1
+    assert "Gamma(gamma=0.25" in _row(out, "patch")  # the positional embedding is merged: no warning
+    assert "Bilinear(" in _row(out, "Block_0/MultiHeadDotProductAttention_0")
+    assert "Softmax()" in out
+    assert "norm" in _row(out, "Block_0/LayerNorm_0")
+    assert "Gamma(gamma=0.25" in _row(out, "head")
+    assert "AttnLRP relevance finite = True" in out and "CPLRP relevance finite = True" in out
+    ratios = _ratios(out)
+    assert len(ratios) == 8 and all(math.isfinite(r) for r in ratios), out  # 4 digits, 2 composites
+    assert _written(out, ".png").read_bytes().startswith(b"\x89PNG")
+    assert "UnmergedAffineWarning" not in runs["vit_digits"].result().stderr
+
+
+def test_nnx_language_model(runs):
+    out = _output(runs, "nnx_language_model")
+    assert _number(out, "loss") < _number(out, "uniform")  # it learned something
+    assert "Softmax()" in out and re.search(r"blocks/0/attn\s+Attention\s+bilinear\s+Bilinear\(", out), out
+    assert "norm" in _row(out, "blocks/0/attn_norm")
+    assert "Epsilon(" in _row(out, "embed")  # the tied head is a dense layer of the embedding
+    length = int(re.search(r"relevance shape \((\d+),\)", out).group(1))
+    tokens = re.findall(r"^  (['\"]).+?\1\s+[-+][0-9.]+$", out, re.MULTILINE)  # each character's repr, relevance
+    assert len(tokens) == length > 0, out  # one value per prompt character
+    assert "finite = True" in out
+    attn, cplrp = (_number(out, f"{name}: logit") for name in ("AttnLRP", "CPLRP"))
+    assert attn == cplrp  # the same logit
+    attn_ratio, cplrp_ratio = (_number(out.split(f"{name}: logit")[1], "ratio") for name in ("AttnLRP", "CPLRP"))
+    assert 0.3 < attn_ratio < 1.5, out  # AttnLRP's softmax rule is not conservative
+    assert abs(cplrp_ratio - 1) < 1e-3, out  # CP-LRP gives the logit back
+    page = _written(out, ".html").read_text(encoding="utf-8")
+    assert page.count("<span") == length
