@@ -30,6 +30,7 @@ from jaxlrp._plan import (
     TapStep,
 )
 from jaxlrp._program import Atom, Const, Node, Value, varying_axes
+from jaxlrp._table import AFFINE_KIND
 
 
 def _zero_cotangent(x):
@@ -146,6 +147,8 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
         local = dict(zip(params, _cast(others["params"], dtype)))
 
         def linear(inputs, w):
+            if step.info.kind == AFFINE_KIND:  # x ↦ a·x + b: its linear part is the identity
+                return _structural(step.chain, inputs[0])
             return _structural(step.chain, linear_map(local, inputs, w, dtype))
 
         return others["rule"](_layer(step, local, linear, output), xs, relevance)
@@ -176,8 +179,11 @@ def _layer(step: LinearStep, local: dict, linear: Callable, output) -> Layer:
     """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`;
     dtype conversions count as nothing."""
     scale = shift = None
-    y = step.weighted.outputs[0]
-    for node in step.chain:
+    if step.info.kind == AFFINE_KIND:  # the first node is a shift too
+        y, folded = step.first.inputs[step.relevant[0]], [*step.nodes, *step.chain]
+    else:
+        y, folded = step.weighted.outputs[0], step.chain
+    for node in folded:
         if node.name in STRUCTURAL:  # applies to the scale and shift too
             scale = None if scale is None else node.bind(jnp.broadcast_to(scale, y.shape))[0]
             shift = None if shift is None else node.bind(jnp.broadcast_to(shift, y.shape))[0]

@@ -106,16 +106,12 @@ class LinearStep:
 
 @dataclasses.dataclass(eq=False)
 class PassStep:
-    """An elementwise region from `source` to `output`: relevance passes unchanged.
-
-    `info` describes the region when it applies a per-feature affine map with learned operands
-    that no layer absorbed (a BatchNorm that no layer feeds): the rule table shows it."""
+    """An elementwise region from `source` to `output`: relevance passes unchanged."""
 
     source: Value
     nodes: list[Node]
     output: Value
     extras: list[Value]  # other values the region reads (parameters, masks)
-    info: LayerInfo | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -160,13 +156,13 @@ class Plan:
         """The steps a composite gives rules to, in execution order, scan bodies included."""
         return [s for s in self.table_steps() if isinstance(s, (LinearStep, SoftmaxStep))]
 
-    def table_steps(self) -> list[LinearStep | SoftmaxStep | PassStep]:
-        """The rows of the rule table in execution order: linear layers, softmaxes and
-        reported affine regions, scan bodies included."""
+    def table_steps(self) -> list[LinearStep | SoftmaxStep]:
+        """The rows of the rule table in execution order: linear layers (affine maps among
+        them) and softmaxes, scan bodies included."""
         out = []
         for node in self.program.nodes:
             step = self.steps.get(node)
-            if isinstance(step, (LinearStep, SoftmaxStep)) or (isinstance(step, PassStep) and step.info is not None):
+            if isinstance(step, (LinearStep, SoftmaxStep)):
                 out.append(step)
             elif isinstance(step, ScanStep):
                 out.extend(step.body.table_steps())
@@ -346,6 +342,10 @@ class _Planner:
                 self._linear([node], relevant, weight, "sum")
         elif name in FIXED_PRIMITIVES:
             self._linear([node], relevant, None, FIXED_PRIMITIVES[name])
+        elif name in ("add", "sub") and len(relevant) == 1 and any(self._is_learned(a) for a in node.inputs):
+            # A learned shift that no dense or conv layer absorbed (a BatchNorm after a ReLU or
+            # a residual add, a positional embedding after a token embedding): an affine map.
+            self._linear([node], relevant, None, AFFINE_KIND)
         elif name in ("mul", "div") and any((node, i) in self.held for i in range(2)):
             # times or over a held normalizer (RMSNorm's 1/σ): an elementwise linear map
             self._linear([node], relevant, None, "norm")
@@ -521,7 +521,7 @@ class _Planner:
         # A weighted layer takes in its bias and a BatchNorm; a fixed map (a sum, a pooling
         # window) only a constant factor such as a mean's division: a BatchNorm after it Passes.
         first, last = nodes[0], nodes[-1]
-        chain = self._absorb(last.outputs[0], AFFINE if kind in WEIGHTED_KINDS or kind == "norm" else SCALING)
+        chain = self._absorb(last.outputs[0], AFFINE if kind in WEIGHTED_KINDS or kind in ("norm", AFFINE_KIND) else SCALING)
         *inner, end = members = [*nodes, *chain]
         self.absorbed.update(members[1:])
         # Computed inside the step. When the linear part computes a value read elsewhere too (a
@@ -618,19 +618,8 @@ class _Planner:
             elif v not in extras:
                 extras.append(v)
         nodes = sorted(members, key=self.order.__getitem__)
-        return PassStep(source, nodes, output, extras, self._affine_info(nodes, source, output))
+        return PassStep(source, nodes, output, extras)
 
-    def _affine_info(self, nodes: list[Node], source: Value, output: Value) -> LayerInfo | None:
-        """A row for the rule table when the region shifts by a learned value (`x·a + b`, a
-        BatchNorm that no layer absorbs, a learned positional embedding): passing relevance
-        through a shift gives the shift's share to the input. A learned scale alone (PReLU's
-        slope, LayerScale, a temperature) loses nothing by passing and is not reported."""
-        for node in nodes:
-            if node.name in ("add", "sub") and any(self._is_learned(a) for a in node.inputs):
-                path, module = self.describe(node.scope)
-                shape = tuple(output.shape)
-                return LayerInfo(path, module, AFFINE_KIND, input_shapes=(tuple(source.shape),), output_shape=shape)
-        return None
 
 
 def _is_fused_kernel(name: str) -> bool:

@@ -14,10 +14,11 @@ FIXED = ("sum", "avg_pool")
 # Transformer operations (AttnLRP): a normalization with its 1/σ held constant (LayerNorm,
 # RMSNorm), a product of two activations by matmul (Q·Kᵀ, A·V), a softmax.
 TRANSFORMER = ("norm", "bilinear", "softmax")
-KINDS = WEIGHTED + FIXED + TRANSFORMER
-# An elementwise affine map with learned operands that no layer absorbed (a BatchNorm that no
-# dense or conv layer feeds): relevance passes through it, and the rule table shows it.
+# A learned shift (and the scaling around it) that no dense or conv layer absorbed: a BatchNorm
+# after a ReLU or a residual add, a positional embedding after a token embedding. Pass by
+# default, as zennit (with a warning); the transformer composites give it the ε rule.
 AFFINE_KIND = "affine"
+KINDS = WEIGHTED + FIXED + TRANSFORMER + (AFFINE_KIND,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class LayerInfo:
         path (plain functions) of the module that holds the layer.
       module: the module's class, or `None` for a plain function.
       kind: one of "dense", "conv", "sum", "avg_pool", "norm", "bilinear", "softmax", or
-        "affine" (a reported pass-through).
+        "affine" (a learned shift no dense or conv layer absorbed).
       merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
         division) that belong to other modules.
       input_shapes: the shapes of the layer's relevance-carrying inputs.

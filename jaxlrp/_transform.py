@@ -128,7 +128,7 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     plan = _plan(_binding(model, apply_kwargs)(*inputs), composite)
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
-    return RuleTable(tuple(s.info for s in steps), tuple(resolved.get(s, _rules.Pass()) for s in steps))
+    return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
 
 
 def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
@@ -197,20 +197,20 @@ def _plan(traced: Traced, composite: Composite) -> Plan:
     if len(program.outputs) != 1:
         raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
     n_params = len(program.inputs) - 1
-    plan = make_plan(program, [False] * n_params + [True], traced.describe, traced.names, composite.hold)
-    for step in plan.table_steps():
-        if step.info.kind == AFFINE_KIND:
-            info = step.info
-            module = f" ({info.type_name})" if info.module is not None else ""
-            warnings.warn(
-                f"jaxlrp: '{info.path or '<root>'}'{module} shifts its input by a learned value (a "
-                f"BatchNorm, a bias, a positional embedding) that no dense or conv layer absorbs; relevance "
-                f"passes through it unchanged, the shift's share included (zennit does the same). "
-                f"rule_table shows it as a layer of kind 'affine'.",
-                UnmergedAffineWarning,
-                stacklevel=_user_stacklevel(),
-            )
-    return plan
+    return make_plan(program, [False] * n_params + [True], traced.describe, traced.names, composite.hold)
+
+
+def _warn_unmerged(info) -> None:
+    module = f" ({info.type_name})" if info.module is not None else ""
+    warnings.warn(
+        f"jaxlrp: '{info.path or '<root>'}'{module} shifts its input by a learned value (a BatchNorm, a "
+        f"bias, a positional embedding) that no dense or conv layer absorbs; relevance passes through "
+        f"it unchanged, the shift's share included (zennit does the same). rule_table shows it as a "
+        f"layer of kind 'affine'; a rule for that kind (the transformer composites give it Epsilon) "
+        f"lets the shift absorb its share.",
+        UnmergedAffineWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 class UnmergedAffineWarning(UserWarning):
@@ -241,13 +241,15 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
     for step, rule in zip(steps, chosen):
         info = step.info
         if rule is None:
-            if info.kind not in FIXED + TRANSFORMER:
+            if info.kind not in FIXED + TRANSFORMER + (AFFINE_KIND,):
                 raise ValueError(
                     f"jaxlrp: no rule for layer '{info.path or '<root>'}' ({info.type_name}, kind "
                     f"'{info.kind}'): the composite {composite!r} has none for it. Add one, e.g. "
                     f"composites.combine(composite, composites.LayerMap({{'{info.kind}': rules.Epsilon()}}))."
                 )
             rule = _default_rule(info.kind, composite)
+        if info.kind == AFFINE_KIND and isinstance(rule, _rules.Pass):
+            _warn_unmerged(info)
         if isinstance(rule, _rules.Pass) and info.input_shapes != (info.output_shape,):
             raise ValueError(
                 f"jaxlrp: rules.Pass at layer '{info.path}' needs one input shaped like its output "
@@ -263,6 +265,8 @@ def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
     stabilizer = _rules.DEFAULT_STABILIZER if composite.stabilizer is None else composite.stabilizer
     if kind == "softmax":
         return _rules.Softmax()
+    if kind == AFFINE_KIND:
+        return _rules.Pass()
     if kind == "bilinear":
         return _rules.Bilinear(stabilizer)
     return _rules.Norm(stabilizer)

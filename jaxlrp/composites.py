@@ -3,7 +3,7 @@
 A composite maps the model's layers (in execution order, see `jaxlrp.rule_table`) to rules:
 
 * `LayerMap({key: rule}, first=...)` by layer type. A key is a layer kind (`"dense"`,
-  `"conv"`, `"sum"`, `"avg_pool"`), a module class (`nn.Dense`, `nn.Conv`, matched with
+  `"conv"`, `"sum"`, `"avg_pool"`, `"norm"`, `"bilinear"`, `"softmax"`, `"affine"`), a module class (`nn.Dense`, `nn.Conv`, matched with
   `issubclass` on the innermost module that holds a dense or conv layer), or a tuple of keys.
   `first` is the rule for the first dense or conv layer in execution order, or a mapping
   `{key: rule}` for the first layer matching any of its keys (zennit's first-layer map).
@@ -35,7 +35,8 @@ The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGener
 For transformers [Achtibat2024, Ali2022], `AttnLRP(epsilon, gamma=None)`: dense and conv layers
 Epsilon(ε) (Gamma(γ) when `gamma` is set, for vision transformers), softmax by its own rule,
 Q·Kᵀ and A·V `Bilinear(ε)`, LayerNorm and RMSNorm the ε rule with 1/σ held constant, residual
-adds and means Norm(ε). `CPLRP(epsilon, gamma=None)`: the same with the attention weights held
+adds and means Norm(ε), a learned shift no layer absorbs (a positional embedding added to a
+token embedding) Epsilon(ε): it takes its share like a bias. `CPLRP(epsilon, gamma=None)`: the same with the attention weights held
 constant, so relevance flows through the values only.
 """
 
@@ -280,7 +281,8 @@ def LRP0() -> LayerMap:
 
 def _transformer(epsilon, gamma, hold) -> LayerMap:
     linear = _rules.Epsilon(epsilon) if gamma is None else _rules.Gamma(gamma, epsilon)
-    return LayerMap({WEIGHTED: linear, "bilinear": _rules.Bilinear(epsilon)}, stabilizer=epsilon, hold=hold)
+    rules = {WEIGHTED: linear, "bilinear": _rules.Bilinear(epsilon), "affine": _rules.Epsilon(epsilon)}
+    return LayerMap(rules, stabilizer=epsilon, hold=hold)
 
 
 def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None) -> LayerMap:

@@ -361,3 +361,31 @@ def test_mask_passed_at_call_time_under_jit(block):
     unmasked = explain(variables, x, mask=nn.make_attention_mask(everything, everything))  # no recompile
     np.testing.assert_allclose(unmasked, jaxlrp.lrp(Block(), composites.AttnLRP())(variables, x), rtol=1e-10)
     assert explain._cache_size() == 1
+
+
+def test_positional_embedding_takes_its_share_like_a_bias():
+    class Embedded(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(VOCAB_PLANTED, 4)(tokens)
+            x = x + self.param("position", nn.initializers.normal(1.0), (tokens.shape[1], 4))
+            return nn.Dense(2, use_bias=False)(x.mean(1))
+
+    model = Embedded()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB_PLANTED, (2, 5)))
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), tokens))
+    composite = composites.AttnLRP(epsilon=1e-12)
+    table = jaxlrp.rule_table(model, composite, variables, tokens)  # no warning: it has a rule
+    assert [(info.kind, repr(rule)) for info, rule in zip(table.layers, table.rules)][0] == (
+        "affine", "Epsilon(epsilon=1e-12)")
+    relevance = jaxlrp.lrp(model, composite)(variables, tokens, target=1)
+    p = variables["params"]
+    x = np.asarray(p["Embed_0"]["embedding"])[np.asarray(tokens)]
+    h = x + np.asarray(p["position"])
+    m = h.mean(1)
+    out = m @ np.asarray(p["Dense_0"]["kernel"])
+    r_m = m * np.asarray(p["Dense_0"]["kernel"])[:, 1]  # the ε rule with the logit as the seed: s = 1
+    expected = (x * (r_m / h.sum(1))[:, None]).sum(-1)  # the mean's share, then x's part of x + position
+    np.testing.assert_allclose(relevance, expected, rtol=1e-7)
+    with pytest.warns(jaxlrp.UnmergedAffineWarning, match="'<root>' \\(Embedded\\) shifts"):
+        jaxlrp.rule_table(model, composites.EpsilonPlus(), variables, tokens)  # Pass by default, said
