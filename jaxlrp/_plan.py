@@ -152,13 +152,9 @@ class Plan:
     steps: dict[Node, object]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
 
-    def ruled_steps(self) -> list[LinearStep | SoftmaxStep]:
-        """The steps a composite gives rules to, in execution order, scan bodies included."""
-        return [s for s in self.table_steps() if isinstance(s, (LinearStep, SoftmaxStep))]
-
     def table_steps(self) -> list[LinearStep | SoftmaxStep]:
-        """The rows of the rule table in execution order: linear layers (affine maps among
-        them) and softmaxes, scan bodies included."""
+        """The steps that take rules, the rows of the rule table, in execution order: linear
+        layers (affine maps among them) and softmaxes, scan bodies included."""
         out = []
         for node in self.program.nodes:
             step = self.steps.get(node)

@@ -227,7 +227,7 @@ def _user_stacklevel() -> int:
 
 
 def _resolve(composite: Composite, plan: Plan) -> dict:
-    steps = plan.ruled_steps()
+    steps = plan.table_steps()
     infos = [s.info for s in steps]
     unmatched = composite.unmatched(infos)
     if unmatched:

@@ -383,7 +383,6 @@ def test_positional_embedding_takes_its_share_like_a_bias():
     x = np.asarray(p["Embed_0"]["embedding"])[np.asarray(tokens)]
     h = x + np.asarray(p["position"])
     m = h.mean(1)
-    out = m @ np.asarray(p["Dense_0"]["kernel"])
     r_m = m * np.asarray(p["Dense_0"]["kernel"])[:, 1]  # the ε rule with the logit as the seed: s = 1
     expected = (x * (r_m / h.sum(1))[:, None]).sum(-1)  # the mean's share, then x's part of x + position
     np.testing.assert_allclose(relevance, expected, rtol=1e-7)
