@@ -261,8 +261,8 @@ def _run_pass(step: PassStep, env: dict) -> jax.Array:
 
 
 def _run_softmax(step: SoftmaxStep, rule, env: dict) -> jax.Array:
-    extras = [a for n in step.nodes for a in n.inputs if isinstance(a, Value) and a is not step.source
-              and a not in {m.outputs[0] for m in step.nodes}]
+    internal = {step.source, *(n.outputs[0] for n in step.nodes)}
+    extras = list(dict.fromkeys(a for n in step.nodes for a in n.inputs if isinstance(a, Value) and a not in internal))
 
     def forward(xs, others):
         local = dict(zip(extras, others["extras"]))
