@@ -71,16 +71,11 @@ def measure(fn, args, repeats: int) -> dict:
     return {"seconds": float(np.median(times)), "compile_seconds": compile_s, "temp_bytes": temp}
 
 
-def run(layers: int, width: int, length: int, batch: int, repeats: int, remat: bool) -> dict:
-    model = Decoder(layers, width, remat)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length), 0, VOCAB)
-    params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
-    target = jnp.argmax(model.apply(params, tokens), -1)
+def embedding_gradient(model, target, width):
+    """`(params, tokens) -> ` the gradient of the target logit at the embedding output (what an
+    LRP pass of a token model is compared with)."""
 
-    def forward(params, tokens):
-        return model.apply(params, tokens)
-
-    def grad_of_logit(params, tokens):  # gradient of the explained logit at the embedding output
+    def gradient(params, tokens):
         def logit(offset):
             def add(next_fun, args, kwargs, context):
                 out = next_fun(*args, **kwargs)
@@ -91,11 +86,23 @@ def run(layers: int, width: int, length: int, batch: int, repeats: int, remat: b
                 out = model.apply(params, tokens)
             return jnp.take_along_axis(out, target[:, None], -1).sum()
 
-        return jax.grad(logit)(jnp.zeros((batch, length, width)))
+        return jax.grad(logit)(jnp.zeros((*tokens.shape, width)))
+
+    return gradient
+
+
+def run(layers: int, width: int, length: int, batch: int, repeats: int, remat: bool) -> dict:
+    model = Decoder(layers, width, remat)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length), 0, VOCAB)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
+    target = jnp.argmax(model.apply(params, tokens), -1)
+
+    def forward(params, tokens):
+        return model.apply(params, tokens)
 
     methods = {
         "forward": forward,
-        "jax.grad": grad_of_logit,
+        "jax.grad": embedding_gradient(model, target, width),
         "AttnLRP": lambda p, t: jaxlrp.lrp(model, composites.AttnLRP())(p, t, target),
         "CPLRP": lambda p, t: jaxlrp.lrp(model, composites.CPLRP())(p, t, target),
     }
