@@ -107,7 +107,19 @@ def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
         rows[f"zennit {composite}"] = {"seconds": seconds}
         row["vs_zennit"] = row["seconds"] / seconds
         row["difference_to_zennit"] = float(np.abs(np.asarray(row["result"]) - reference).max() / np.abs(reference).max())
+    rows["eager first call"] = first_calls(jaxlrp.lrp(model, ours("EpsilonPlusFlat")), variables, x, target)
     return rows
+
+
+def first_calls(explain, *args) -> dict:
+    """The first call of `explain` outside `jit` against the first call of `jax.jit(explain)`."""
+    start = time.perf_counter()
+    jax.block_until_ready(jax.jit(explain)(*args))
+    jitted = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(explain(*args))
+    eager = time.perf_counter() - start
+    return {"seconds": eager, "jit_first_call_seconds": jitted, "vs_jit_first_call": eager / jitted}
 
 
 def bench_decoder(batch: int, repeats: int, layers=2, width=128, length=64) -> dict:
@@ -146,6 +158,9 @@ def print_table(results: dict) -> None:
             cells.append(f"{r['compile_seconds']:>9.2f} {r['peak_bytes'] / 2**20:>9.1f} {r['memory_vs_grad']:>8.2f}"
                          if "peak_bytes" in r else f"{'':>28}")
             cells.append(f"{r['difference_to_zennit']:>9.1e}" if "difference_to_zennit" in r else "")
+            if "vs_jit_first_call" in r:
+                cells.append(f"(EpsilonPlusFlat; jax.jit's first call {1e3 * r['jit_first_call_seconds']:.0f} ms, "
+                             f"{r['vs_jit_first_call']:.2f}x)")
             print(f"{model:<9} {batch:>5} {method:<30} {' '.join(cells)}")
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _function, _linen, _nnx, rules as _rules
+from jaxlrp import _eager, _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
@@ -69,17 +69,24 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
 def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`)."""
     _check_composite(composite)
-    bind = _binding(model, apply_kwargs)
-    if isinstance(model, nnx.Module):
+    if isinstance(model, nnx.Module):  # its current state, read at each call, is an argument
+        pure = output_and_lrp(nnx.graphdef(model), composite, **apply_kwargs)
 
         def explain(x, target=None, **call_kwargs):
-            return _output_and_relevance(functools.partial(bind, **call_kwargs), (x,), composite, target, call_kwargs)
+            return pure(nnx.state(model), x, target, **call_kwargs)
 
-    else:
+        return explain
 
-        def explain(params, x, target=None, **call_kwargs):
-            bound = functools.partial(bind, **call_kwargs)
-            return _output_and_relevance(bound, (params, x), composite, target, call_kwargs)
+    bind = _binding(model, apply_kwargs)
+
+    def pure(params, x, target=None, **call_kwargs):
+        bound = functools.partial(bind, **call_kwargs)
+        return _output_and_relevance(bound, (params, x), composite, target, call_kwargs)
+
+    compiled = _compiled_when_eager(pure)
+
+    def explain(params, x, target=None, **call_kwargs):
+        return compiled(1, params, x, target=target, **call_kwargs)
 
     return explain
 
@@ -105,13 +112,38 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
     """
     _check_composite(composite)
 
-    def explain(*args, target=None):
+    def pure(*args, target=None):
         position = argnums % len(args)
         x, others = args[position], (*args[:position], *args[position + 1 :])
         bind = functools.partial(_function.trace, fn, position, others)
-        return _output_and_relevance(bind, (x,), composite, target, others)[1]
+        return _output_and_relevance(bind, (x,), composite, target, others)
+
+    compiled = _compiled_when_eager(pure)
+
+    def explain(*args, target=None):
+        return compiled(argnums % len(args), *args, target=target)[1]
 
     return explain
+
+
+def _compiled_when_eager(pure: Callable) -> Callable:
+    """`call(position, *args, target=None, **kwargs)`: `pure(*args, target=target, **kwargs)`,
+    compiled once per call signature when called outside a JAX transformation (see `_eager`),
+    with the value checks of the explained input `args[position]` and of the target kept."""
+    jitted = _eager.jit_when_eager(pure)
+
+    def call(position, *args, target=None, **kwargs):
+        if _eager.is_traced((args, target, kwargs)):
+            return pure(*args, target=target, **kwargs)
+        _check_input(args[position])  # under jit the check would see a tracer and skip
+        if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
+            target = jnp.asarray(target)  # traced, so that a new class does not recompile
+        out, relevance = jitted(*args, target=target, **kwargs)
+        if target is not None and jnp.issubdtype(target.dtype, jnp.integer):
+            _check_classes(target, out.shape[-1])
+        return out, relevance
+
+    return call
 
 
 def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTable:
@@ -292,10 +324,14 @@ def _seed(out: jax.Array, target) -> jax.Array:
             f"got {target.shape}."
         )
     if _is_concrete(target):
-        t = np.asarray(target)
-        if np.any(t < 0) or np.any(t >= out.shape[-1]):
-            raise ValueError(f"jaxlrp: target class out of range [0, {out.shape[-1]}): {t}.")
+        _check_classes(target, out.shape[-1])
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
+
+
+def _check_classes(target, classes: int) -> None:
+    t = np.asarray(target)
+    if np.any(t < 0) or np.any(t >= classes):
+        raise ValueError(f"jaxlrp: target class out of range [0, {classes}): {t}.")
 
 
 def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=()):

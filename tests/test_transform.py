@@ -323,3 +323,44 @@ def test_checks_on_traced_values_are_skipped_inside_transforms(setup, transform)
 
     result = TRANSFORMS[transform](explain)
     assert bool(jnp.any(jnp.isnan(result)))  # NaN propagates, as documented
+
+
+def test_eager_calls_compile_once_per_signature():
+    traces = []
+
+    def mlp(params, x):
+        traces.append(x.shape)  # runs once per trace
+        return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(5, 6))), "w2": jnp.asarray(rng.normal(size=(6, 3)))}
+    explain = jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())
+    x = jnp.asarray(rng.normal(size=(4, 5)))
+    first = explain(params, x)
+    assert len(traces) == 1
+    explain(params, 2 * x, target=1)  # a target is one more signature than None
+    assert len(traces) == 2
+    explain(jax.tree.map(lambda w: -w, params), -x, target=2)  # new values, a new class: traced
+    assert len(traces) == 2
+    explain(params, x, target=jnp.array([0, 1, 2, 0]))  # a new shape compiles again
+    explain(params, x[:2])
+    assert len(traces) == 4
+    np.testing.assert_allclose(first, jax.jit(explain)(params, x), rtol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        explain(params, x, target=3)
+    with pytest.raises(ValueError, match="NaN"):
+        explain(params, x.at[0, 0].set(jnp.nan))
+
+
+def test_eager_nnx_module_reads_the_current_weights():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(4, 5, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(5, 3, rngs=nnx.Rngs(1)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4)))
+    explain = jaxlrp.lrp(model, composites.EpsilonPlus())
+    before = explain(x, target=0)
+    model.layers[0].kernel[...] = 2 * model.layers[0].kernel[...]
+    model.layers[0].bias[...] = 2 * model.layers[0].bias[...]
+    after = explain(x, target=0)
+    np.testing.assert_array_equal(after, jaxlrp.lrp(model, composites.EpsilonPlus())(x, target=0))
+    np.testing.assert_allclose(after, 2 * before, rtol=1e-4)  # LRP-ε is homogeneous up to ε
