@@ -10,6 +10,7 @@ See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how lay
 """
 
 from jaxlrp import composites, rules, viz
+from jaxlrp._dataset import explain_dataset
 from jaxlrp._plan import UnsupportedOperation
 from jaxlrp._table import LayerInfo, RuleTable
 from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
@@ -22,6 +23,7 @@ __all__ = [
     "UnmergedAffineWarning",
     "UnsupportedOperation",
     "composites",
+    "explain_dataset",
     "lrp",
     "lrp_fn",
     "output_and_lrp",

@@ -1,0 +1,136 @@
+"""`jaxlrp.explain_dataset`: equal to a direct call, sharded, resumable after a kill, multi-host."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+
+import jaxlrp
+from jaxlrp import composites
+
+import models
+
+WORKER = str(pathlib.Path(__file__).parent / "dataset_worker.py")
+MODEL = models.CNN()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    variables, _ = models.init(MODEL, (1, 8, 8, 2), dtype=np.float32)
+    x = np.random.default_rng(0).normal(size=(37, 8, 8, 2)).astype(np.float32)
+    explain = jaxlrp.lrp(MODEL, composites.EpsilonPlusFlat())
+    return explain, variables, x
+
+
+def _read(path) -> np.ndarray:
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_equals_a_direct_call_with_a_short_last_batch(setup, tmp_path, sharded):
+    explain, variables, x = setup
+    targets = np.arange(len(x)) % 3
+    mesh = jax.make_mesh((8,), ("data",)) if sharded else None
+    written = jaxlrp.explain_dataset(explain, variables, x, targets, out=tmp_path / "r", batch_size=16, mesh=mesh,
+                                     progress=False)
+    assert written.shape == x.shape and written.dtype.numpy_dtype == np.float32
+    np.testing.assert_allclose(np.asarray(written), explain(variables, x, targets), rtol=1e-5, atol=1e-6)
+    assert len([f for f in os.listdir(tmp_path / "r") if f[0].isdigit()]) == (8 * 3 if sharded else 3) - (
+        5 if sharded else 0)  # one chunk per device shard; those wholly past the end are never written
+
+
+def test_reads_zarr_memmap_and_token_ids_and_seeds(setup, tmp_path):
+    explain, variables, x = setup
+    memmap = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    memmap[:] = x
+    store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "x.zarr")}},
+                    create=True, dtype=ts.float32, shape=x.shape).result()
+    store[...] = x
+    seeds = np.random.default_rng(1).normal(size=(len(x), 3)).astype(np.float32)
+    reference = explain(variables, x, seeds)
+    for i, source in enumerate((memmap, store)):
+        written = jaxlrp.explain_dataset(explain, variables, source, seeds, out=tmp_path / f"r{i}", batch_size=10,
+                                         progress=False, dtype=np.float64)
+        assert written.dtype.numpy_dtype == np.float64
+        np.testing.assert_allclose(np.asarray(written), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_bar_reports_throughput(setup, tmp_path, capsys):
+    explain, variables, x = setup
+    jaxlrp.explain_dataset(explain, variables, x[:5], out=tmp_path / "r", batch_size=4)
+    shown = capsys.readouterr().out
+    assert "5/5" in shown and "samples/s" in shown
+
+
+def test_bad_input_is_an_error_before_any_work(setup, tmp_path):
+    explain, variables, x = setup
+    jaxlrp.explain_dataset(explain, variables, x[:8], out=tmp_path / "r", batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"holds an array of shape \(8, 8, 8, 2\).*this run writes shape \(9, 8, 8, 2\)"):
+        jaxlrp.explain_dataset(explain, variables, x[:9], out=tmp_path / "r", batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="targets has 3 rows, but x has 9 samples"):
+        jaxlrp.explain_dataset(explain, variables, x[:9], np.zeros(3, int), out=tmp_path / "s", batch_size=8)
+    with pytest.raises(ValueError, match="batch_size 12 does not divide over the 8 devices"):
+        jaxlrp.explain_dataset(explain, variables, x, out=tmp_path / "s", batch_size=12,
+                               mesh=jax.make_mesh((8,), ("data",)))
+    with pytest.raises(ValueError, match="needs an axis named 'data'"):
+        jaxlrp.explain_dataset(explain, variables, x, out=tmp_path / "s", batch_size=8,
+                               mesh=jax.make_mesh((8,), ("batch",)))
+    assert not (tmp_path / "s").exists()
+
+
+def _worker(out, *flags, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen([sys.executable, WORKER, str(out), *flags], stdout=subprocess.PIPE, text=True,
+                            env=env, **kwargs)
+
+
+def _finish(process):
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and "DONE" in out, out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "r"
+    _finish(_worker(out))
+    return _read(out)
+
+
+def _chunks(path) -> dict:
+    return {f: os.stat(path / f).st_mtime_ns for f in os.listdir(path) if f[0].isdigit() and "lock" not in f}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
+    out = tmp_path / "r"
+    process = _worker(out, "--block-at", "24")  # hangs loading the fourth batch, the first one written
+    assert process.stdout.readline().strip() == "BLOCKED"
+    process.kill()
+    process.wait()
+    before = _chunks(out)
+    assert 0 < len(before) < 15  # 29 rows in chunks of 2: some written, not all
+    _finish(_worker(out, "--log", str(tmp_path / "read.json")))
+    np.testing.assert_array_equal(_read(out), uninterrupted)
+    after = _chunks(out)
+    assert len(after) == 15 and all(after[f] == t for f, t in before.items())  # none written twice
+    done_batches = {int(f.split(".")[0]) // 4 for f in before}
+    done_batches = {b for b in done_batches if all(f"{4 * b + k}.0.0.0" in before for k in range(4))}
+    read = json.loads((tmp_path / "read.json").read_text())
+    assert read and all(start // 8 not in done_batches for start, _ in read)  # finished batches not read
+
+
+def test_two_processes_write_what_one_writes(tmp_path, uninterrupted):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "r"
+    workers = [_worker(out, "--process", str(i), "--processes", "2", "--port", port) for i in range(2)]
+    for process in workers:
+        _finish(process)
+    np.testing.assert_array_equal(_read(out), uninterrupted)
