@@ -52,9 +52,11 @@ def _typed_like(cotangent, primal):
     return cotangent.astype(jnp.result_type(primal))
 
 
-def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others) -> jax.Array:
+def relevance_call(forward: Callable, backward: Callable, relevant: tuple, others, recompute: bool = False) -> jax.Array:
     """`forward(relevant, others)` whose VJP is `backward(relevant, others, output, R)`, the
-    relevance of each relevant input (`output` is the forward value, kept from the forward pass).
+    relevance of each relevant input (`output` is the forward value, kept from the forward pass,
+    or with `recompute` computed again in the backward pass: for maps as cheap as a sum, whose
+    output is not worth a buffer held from the forward pass to the backward).
 
     `others` (parameters, the rule) travel as flat leaves, so that no zero-valued rule is ever
     built (its constructor would reject, say, AlphaBeta(0, 0)).
@@ -67,10 +69,12 @@ def relevance_call(forward: Callable, backward: Callable, relevant: tuple, other
 
     def call_fwd(relevant, leaves):
         output = forward(relevant, treedef.unflatten(leaves))
-        return output, (relevant, leaves, output)
+        return output, (relevant, leaves, None if recompute else output)
 
     def call_bwd(residuals, relevance):
         relevant, leaves, output = residuals
+        if recompute:
+            output = forward(relevant, treedef.unflatten(leaves))
         out = backward(relevant, treedef.unflatten(leaves), output, relevance)
         out = tuple(_typed_like(r, x) for r, x in zip(out, relevant))
         return out, [_zero_cotangent(leaf) for leaf in leaves]
@@ -143,6 +147,7 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
     def backward(xs, others, output, relevance):
         # The rule works in float32 or wider, whatever the model's dtype (bfloat16, float16).
         dtype = _wide_dtype(*xs)
+        precise = jnp.promote_types(jnp.result_type(output), dtype) == jnp.result_type(output)
         xs, output, relevance = _cast((xs, output, relevance), dtype)
         local = dict(zip(params, _cast(others["params"], dtype)))
 
@@ -151,11 +156,11 @@ def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:
                 return _structural(step.chain, inputs[0])
             return _structural(step.chain, linear_map(local, inputs, w, dtype))
 
-        return others["rule"](_layer(step, local, linear, output), xs, relevance)
+        return others["rule"](_layer(step, local, linear, output, precise), xs, relevance)
 
     relevant = tuple(_read(env, a) for a in relevant_atoms)
     others = {"params": [env[a] for a in params], "rule": rule}
-    return relevance_call(forward, backward, relevant, others)
+    return relevance_call(forward, backward, relevant, others, recompute=step.weight is None)
 
 
 def _wide_dtype(*xs) -> np.dtype:
@@ -175,7 +180,7 @@ def _structural(chain: Sequence[Node], y):
     return y
 
 
-def _layer(step: LinearStep, local: dict, linear: Callable, output) -> Layer:
+def _layer(step: LinearStep, local: dict, linear: Callable, output, precise: bool) -> Layer:
     """Folds the chain's affine ops into `scale` and `shift`, structural ops into `linear`;
     dtype conversions count as nothing."""
     scale = shift = None
@@ -196,7 +201,7 @@ def _layer(step: LinearStep, local: dict, linear: Callable, output) -> Layer:
         if folded is not None:
             weight, scale = folded, None
     signs = (1, -1) if step.first.name == "sub" else (1,) * len(step.relevant)
-    return Layer(linear, weight, output, scale, shift, signs, step.nonnegative)
+    return Layer(linear, weight, output, scale, shift, signs, step.nonnegative, precise)
 
 
 def _fold_into_weight(step: LinearStep, weight, scale):

@@ -46,6 +46,8 @@ class Layer:
       signs: for a fixed map, the sign of each input's implicit weight (`a - b`: +1, -1).
       nonnegative_inputs: the inputs are known to be >= 0 (they come from a ReLU or max-pooling
         of one), so rules may skip their negative part.
+      precise_output: `output` was computed at least as precisely as the rule computes (not in
+        bfloat16 or float16), so `x·W'` may be read off it as `output − b'`.
     """
 
     linear: Callable[[Inputs, jax.Array | None], jax.Array]
@@ -55,6 +57,7 @@ class Layer:
     shift: jax.Array | None = None
     signs: tuple[int, ...] = (1,)
     nonnegative_inputs: bool = False
+    precise_output: bool = True
 
     def modified(self, f: Modifier = _identity) -> Callable[[Inputs], jax.Array]:
         """`x ↦ L(x; f(W'))` for an elementwise, positively homogeneous `f` (no bias)."""
@@ -73,6 +76,22 @@ class Layer:
         up, down = f(self.weight).astype(dtype), f(-self.weight).astype(dtype)
         a_pos, a_neg = jnp.maximum(self.scale, 0), jnp.minimum(self.scale, 0)
         return lambda inputs: a_pos * self.linear(inputs, up) - a_neg * self.linear(inputs, down)
+
+    def positive_split(self, inputs: Inputs):
+        """For one input known to be ≥ 0 and a merged weight: `(x·W', x·W'⁺, s ↦ s·W', s ↦ s·W'⁺)`,
+        else None.
+
+        `x·W'` is the layer's own output minus its bias (no convolution) when the output is
+        precise, so the sign-split rules need one extra application of the map (`x·W'⁺`, and
+        `x·W'⁻ = x·W' − x·W'⁺`) and two transposes, not two and two.
+        """
+        if not self.nonnegative_inputs or self.weight is None or self.scale is not None or len(inputs) != 1:
+            return None
+        z, back = jax.vjp(self.modified(), inputs)
+        if self.precise_output:
+            z = self.output - self.bias
+        z_pos, back_pos = jax.vjp(self.modified(positive_part), inputs)
+        return z, z_pos, lambda s: back(s)[0], lambda s: back_pos(s)[0]
 
     def _fixed(self, inputs: Inputs, coefficient) -> jax.Array:
         """A fixed map whose input k has the implicit weight `sign_k` (times the scale), each

@@ -136,13 +136,27 @@ def _ones(inputs: Inputs) -> Inputs:
 def _by_sign(layer: Layer, inputs: Inputs, for_positive, for_negative):
     """`(z, s ↦ R_in)` for `z = x⁺·A + x⁻·B`, `R_in = x⁺ ⊙ (s·A) + x⁻ ⊙ (s·B)`, with `A`, `B`
     the layer's modified maps. Inputs known to be non-negative (after a ReLU) skip the x⁻ half."""
+    if layer.nonnegative_inputs:  # x⁺ = x
+        z, back_p = _linearize(for_positive, inputs)
+        return z, lambda s: _mul(inputs, back_p(s))
     xp = _pos(inputs)
     z, back_p = _linearize(for_positive, xp)
-    if layer.nonnegative_inputs:
-        return z, lambda s: _mul(xp, back_p(s))
     xn = _neg(inputs)
     z_n, back_n = _linearize(for_negative, xn)
     return z + z_n, lambda s: _add(_mul(xp, back_p(s)), _mul(xn, back_n(s)))
+
+
+def _after(relevance, inputs: Inputs) -> Inputs:
+    """`inputs`, made to depend on `relevance` (by adding a zero read from it).
+
+    What a rule computes from the forward values alone (`x·W⁺` in z⁺, αβ and γ) could otherwise
+    be scheduled in the forward pass, and XLA does so: every layer's result would be held until
+    the backward pass reaches it, an activation per layer. (`lax.optimization_barrier` does not
+    prevent it on CPU, where it is expanded before scheduling.) A NaN or Inf in the relevance
+    makes the map NaN either way.
+    """
+    zero = 0 * relevance[(0,) * relevance.ndim]
+    return tuple(x + zero.astype(x.dtype) for x in inputs)
 
 
 def _concrete(value) -> np.ndarray | None:
@@ -191,6 +205,7 @@ class ZPlus(Rule):
     stabilizer: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
+        inputs = _after(relevance, inputs)
         positive, negative = layer.modified(positive_part), layer.modified(negative_part)
         z, back = _by_sign(layer, inputs, positive, negative)
         return back(_divide(relevance, stabilize(z + jnp.maximum(layer.bias, 0), self.stabilizer)))
@@ -223,6 +238,14 @@ class AlphaBeta(Rule):
             )
 
     def __call__(self, layer, inputs, relevance):
+        inputs = _after(relevance, inputs)
+        split = layer.positive_split(inputs)
+        if split is not None:  # x ≥ 0: z_α = x·W'⁺ + b'⁺, z_β = (x·W' − x·W'⁺) + b'⁻
+            z, z_pos, back, back_pos = split
+            s_alpha = _divide(relevance, stabilize(z_pos + jnp.maximum(layer.bias, 0), self.stabilizer))
+            s_beta = _divide(relevance, stabilize(z - z_pos + jnp.minimum(layer.bias, 0), self.stabilizer))
+            # α x ⊙ (s_α·W'⁺) − β x ⊙ (s_β·W'⁻), with W'⁻ = W' − W'⁺
+            return _mul(inputs, _sub(back_pos(self.alpha * s_alpha + self.beta * s_beta), back(self.beta * s_beta)))
         positive, negative = layer.modified(positive_part), layer.modified(negative_part)
         z_alpha, back_alpha = _by_sign(layer, inputs, positive, negative)
         z_beta, back_beta = _by_sign(layer, inputs, negative, positive)
@@ -245,13 +268,21 @@ class Gamma(Rule):
     stabilizer: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
+        inputs = _after(relevance, inputs)
         gamma = self.gamma
-        w_p = layer.modified(lambda w: w + gamma * jnp.maximum(w, 0))
-        w_n = layer.modified(lambda w: w + gamma * jnp.minimum(w, 0))
         bias = layer.bias
         b_p = bias + gamma * jnp.maximum(bias, 0)
         b_n = bias + gamma * jnp.minimum(bias, 0)
         z = layer.output
+        split = layer.positive_split(inputs)
+        if split is not None:  # x ≥ 0: x·W_p = x·W' + γ x·W'⁺, x·W_n = x·W' + γ(x·W' − x·W'⁺)
+            xw, xw_pos, back, back_pos = split
+            s_up = _divide(relevance * (z > 0), stabilize(xw + gamma * xw_pos + b_p, self.stabilizer))
+            s_down = _divide(relevance * (z < 0), stabilize(xw + gamma * (xw - xw_pos) + b_n, self.stabilizer))
+            # x ⊙ (s⁺·W_p + s⁻·W_n) = x ⊙ ((s⁺ + (1+γ)s⁻)·W' + γ(s⁺ − s⁻)·W'⁺)
+            return _mul(inputs, _add(back(s_up + (1 + gamma) * s_down), back_pos(gamma * (s_up - s_down))))
+        w_p = layer.modified(lambda w: w + gamma * jnp.maximum(w, 0))
+        w_n = layer.modified(lambda w: w + gamma * jnp.minimum(w, 0))
         z_up, back_up = _by_sign(layer, inputs, w_p, w_n)
         z_down, back_down = _by_sign(layer, inputs, w_n, w_p)
         s_up = _divide(relevance * (z > 0), stabilize(z_up + b_p, self.stabilizer))
@@ -273,6 +304,7 @@ class ZBox(Rule):
     stabilizer: float = 1e-6
 
     def __call__(self, layer, inputs, relevance):
+        inputs = _after(relevance, inputs)
         # zeros_like(x) + bound keeps x's sharding (broadcast_to would drop it).
         low = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.low, x.dtype), inputs)
         high = jax.tree.map(lambda x: jnp.zeros_like(x) + jnp.asarray(self.high, x.dtype), inputs)
