@@ -2,7 +2,7 @@
 
     python benchmarks/bench_speed.py [--batches 1 32 128] [--width 32] [--repeats 5] [--json FILE]
 
-Models: a VGG-16-like and a ResNet-18-like CNN with BatchNorm on 32x32x3 images (`cnns.py`;
+Models: a VGG-16-like and a ResNet-18-like CNN with BatchNorm on 32x32x3 images (`tests/cnns.py`;
 `--width` is the first stage's channels, 64 in the originals) and a decoder transformer
 (`bench_transformer.py`, 2 layers of width 128 over 64 tokens). For each batch size it times,
 all jitted, medians after a warm-up call: the forward pass, `jax.grad` of the target logit

@@ -153,9 +153,13 @@ def _after(relevance, inputs: Inputs) -> Inputs:
     be scheduled in the forward pass, and XLA does so: every layer's result would be held until
     the backward pass reaches it, an activation per layer. (`lax.optimization_barrier` does not
     prevent it on CPU, where it is expanded before scheduling.) A NaN or Inf in the relevance
-    makes the map NaN either way.
+    The zero is read from one element, or under explicit sharding, where an element of a
+    sharded axis cannot be sliced out, from the maximum; it is zero even where that element is
+    NaN or Inf, so that a sample with NaN spoils no other.
     """
-    zero = 0 * relevance[(0,) * relevance.ndim]
+    spec = getattr(jax.typeof(relevance).sharding, "spec", ())
+    probe = jnp.max(relevance) if any(axis is not None for axis in spec) else relevance[(0,) * relevance.ndim]
+    zero = jnp.where(jnp.isfinite(probe), 0 * probe, 0)
     return tuple(x + zero.astype(x.dtype) for x in inputs)
 
 
