@@ -65,7 +65,7 @@ def _gradient_x_input(model, variables, target):
     return X * jax.grad(logit)(X)
 
 
-@pytest.mark.parametrize("precision", ["dtype=bfloat16", "param_dtype=bfloat16"])
+@pytest.mark.parametrize("precision", ["param_dtype=bfloat16"])  # dtype=bfloat16: see the test below
 def test_bfloat16_maps_stay_close_to_float32(variables, precision):
     reference = models.ResNet(STAGES)
     model, half_variables = _model_and_variables(variables, precision)
@@ -150,11 +150,12 @@ def _relative_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("low", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("name, low", [("vgg16", jnp.bfloat16), ("resnet18", jnp.bfloat16), ("resnet18", jnp.float16)],
+                         ids=["vgg16-bfloat16", "resnet18-bfloat16", "resnet18-float16"])
 def test_half_precision_cnns_against_float32_on_the_same_weights(name, low):
     """The VGG-16-like and ResNet-18-like benchmark CNNs (width 8) with float16 or bfloat16
-    parameters and activations, against float32 on the same (rounded) weights and inputs.
+    parameters and activations, against float32 on the same (rounded) weights and inputs (VGG in
+    float16 measured, not run: it is the slowest case to compile).
 
     Measured (relative L2; float16 / bfloat16): VGG EpsilonPlusFlat 0.004 / 0.018 (0.027 on
     the first two samples alone),
