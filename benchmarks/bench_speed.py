@@ -55,25 +55,31 @@ def theirs(zennit, name):
     return getattr(zennit.composites, name)(canonizers=canonizers)
 
 
-def median_seconds(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def measure_jax(fn, args, repeats: int) -> dict:
+def compile_jax(fn, args) -> dict:
+    """Compiles `fn` for `args`: the compile time, XLA's peak memory plan and the call."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
-    seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats)
     memory = compiled.memory_analysis()
     peak = memory.temp_size_in_bytes + memory.output_size_in_bytes
-    return {"seconds": seconds, "compile_seconds": compile_seconds, "peak_bytes": int(peak),
-            "result": compiled(*args)}
+    return {"compile_seconds": compile_seconds, "peak_bytes": int(peak),
+            "call": lambda: jax.block_until_ready(compiled(*args))}
+
+
+def time_interleaved(rows: dict, repeats: int) -> None:
+    """Median seconds of each row's `call`, the rows taking turns within each repeat, so that the
+    machine's drift (2 shared cores) weighs on all of them alike."""
+    for row in rows.values():
+        row["result"] = row["call"]()  # warm-up
+    times = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, row in rows.items():
+            start = time.perf_counter()
+            row["call"]()
+            times[name].append(time.perf_counter() - start)
+    for name, row in rows.items():
+        row["seconds"] = float(np.median(times[name]))
+        del row["call"]
 
 
 def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
@@ -88,24 +94,27 @@ def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
         logit = lambda x: jnp.take_along_axis(model.apply(variables, x), target[:, None], 1).sum()  # noqa: E731
         return jax.grad(logit)(x) * x
 
-    rows = {"forward": measure_jax(model.apply, (variables, x), repeats),
-            "jax.grad": measure_jax(grad_x_input, (variables, x), repeats)}
+    rows = {"forward": compile_jax(model.apply, (variables, x)),
+            "jax.grad": compile_jax(grad_x_input, (variables, x))}
     torch_model = cnns.to_torch(name, variables, width)
     x_torch = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
     seed = torch.eye(cnns.CLASSES)[torch.tensor(np.asarray(target))]
+    torch.set_grad_enabled(True)
     for composite in COMPOSITES:
         explain = jaxlrp.lrp(model, ours(composite))
-        row = rows[composite] = measure_jax(lambda v, x: explain(v, x, target), (variables, x), repeats)
+        rows[composite] = compile_jax(lambda v, x: explain(v, x, target), (variables, x))
 
-        def zennit_call():
+        def zennit_call(composite=composite):
             with Gradient(torch_model, theirs(zennit, composite)) as attributor:
                 return attributor(x_torch.clone().requires_grad_(True), lambda out: seed * out)[1]
 
-        torch.set_grad_enabled(True)
-        seconds = median_seconds(zennit_call, repeats)
-        reference = zennit_call().detach().numpy().transpose(0, 2, 3, 1)
-        rows[f"zennit {composite}"] = {"seconds": seconds}
-        row["vs_zennit"] = row["seconds"] / seconds
+        rows[f"zennit {composite}"] = {"call": zennit_call}
+    time_interleaved(rows, repeats)
+    for composite in COMPOSITES:
+        row, reference = rows[composite], rows.pop(f"zennit {composite}")
+        rows[f"zennit {composite}"] = {"seconds": reference["seconds"]}
+        row["vs_zennit"] = row["seconds"] / reference["seconds"]
+        reference = reference["result"].detach().numpy().transpose(0, 2, 3, 1)
         row["difference_to_zennit"] = float(np.abs(np.asarray(row["result"]) - reference).max() / np.abs(reference).max())
     rows["eager first call"] = first_calls(jaxlrp.lrp(model, ours("EpsilonPlusFlat")), variables, x, target)
     return rows
@@ -128,11 +137,12 @@ def bench_decoder(batch: int, repeats: int, layers=2, width=128, length=64) -> d
     params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
     target = jnp.argmax(model.apply(params, tokens), -1)
     grad = bench_transformer.embedding_gradient(model, target, width)
-    rows = {"forward": measure_jax(model.apply, (params, tokens), repeats),
-            "jax.grad": measure_jax(grad, (params, tokens), repeats)}
+    rows = {"forward": compile_jax(model.apply, (params, tokens)),
+            "jax.grad": compile_jax(grad, (params, tokens))}
     for composite in ("AttnLRP", "CPLRP"):
         explain = jaxlrp.lrp(model, getattr(composites, composite)())
-        rows[composite] = measure_jax(lambda p, t: explain(p, t, target), (params, tokens), repeats)
+        rows[composite] = compile_jax(lambda p, t: explain(p, t, target), (params, tokens))
+    time_interleaved(rows, repeats)
     return rows
 
 

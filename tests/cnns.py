@@ -97,21 +97,23 @@ def make(name: str, width: int, seed: int = 0, dtype=jnp.float32):
     return model, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def to_torch(name: str, variables, width: int):
-    """The PyTorch twin (NCHW, float32, eval mode) with the Flax variables' weights."""
+def to_torch(name: str, variables, width: int, double: bool = False):
+    """The PyTorch twin (NCHW, eval mode; float32, or float64 with `double`) with the Flax
+    variables' weights."""
     import torch
     from zennit.layer import Sum
 
     tnn = torch.nn
+    dtype = torch.float64 if double else torch.float32
     params, stats = variables["params"], variables["batch_stats"]
 
     def tensor(a):
-        return torch.tensor(np.asarray(a, np.float32))
+        return torch.tensor(np.asarray(a, np.float64 if double else np.float32))
 
     def conv_bn(kernel, bias, bn, bn_stats, stride):
         k = kernel.shape[0]
-        conv = tnn.Conv2d(kernel.shape[2], kernel.shape[3], k, stride, k // 2, bias=bias is not None)
-        norm = tnn.BatchNorm2d(kernel.shape[3], eps=1e-5)
+        conv = tnn.Conv2d(kernel.shape[2], kernel.shape[3], k, stride, k // 2, bias=bias is not None, dtype=dtype)
+        norm = tnn.BatchNorm2d(kernel.shape[3], eps=1e-5, dtype=dtype)
         with torch.no_grad():
             conv.weight.copy_(tensor(kernel).permute(3, 2, 0, 1))
             if bias is not None:
@@ -123,7 +125,7 @@ def to_torch(name: str, variables, width: int):
         return tnn.Sequential(conv, norm)
 
     def dense(p):
-        layer = tnn.Linear(*p["kernel"].shape)
+        layer = tnn.Linear(*p["kernel"].shape, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(tensor(p["kernel"]).T)
             layer.bias.copy_(tensor(p["bias"]))
@@ -161,4 +163,4 @@ def to_torch(name: str, variables, width: int):
                 key = f"stage{s}_{b}"
                 layers[key] = TorchBlock(params[key], stats[key], 2 if s > 0 and b == 0 else 1)
         layers.update(pool=tnn.AdaptiveAvgPool2d(1), flatten=tnn.Flatten(), fc=dense(params["fc"]))
-    return tnn.Sequential(layers).float().eval()
+    return tnn.Sequential(layers).eval()
