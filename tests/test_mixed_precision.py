@@ -150,12 +150,12 @@ def _relative_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("name, low", [("vgg16", jnp.bfloat16), ("resnet18", jnp.bfloat16), ("resnet18", jnp.float16)],
-                         ids=["vgg16-bfloat16", "resnet18-bfloat16", "resnet18-float16"])
+@pytest.mark.parametrize("name, low", [("resnet18", jnp.bfloat16), ("resnet18", jnp.float16)],
+                         ids=["resnet18-bfloat16", "resnet18-float16"])
 def test_half_precision_cnns_against_float32_on_the_same_weights(name, low):
     """The VGG-16-like and ResNet-18-like benchmark CNNs (width 8) with float16 or bfloat16
-    parameters and activations, against float32 on the same (rounded) weights and inputs (VGG in
-    float16 measured, not run: it is the slowest case to compile).
+    parameters and activations, against float32 on the same (rounded) weights and inputs (the
+    VGG figures measured with the same code, not run: the slowest cases to compile).
 
     Measured (relative L2; float16 / bfloat16): VGG EpsilonPlusFlat 0.004 / 0.018 (0.027 on
     the first two samples alone),
