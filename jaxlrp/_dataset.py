@@ -15,6 +15,7 @@ one SPMD program over the global mesh, and each process writes its own shards' c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def explain_dataset(
     sharding, shards = _batch_sharding(mesh, batch_size)
     chunk_rows = batch_size // shards
     store = _open_output(out, (n, *sample_shape), np.dtype(dtype), chunk_rows)
-    done = _chunks_present(out)
+    done = _chunks_present(out, store.rank)
     starts = _pending(range(0, n, batch_size), done, chunk_rows, shards, n)
 
     if variables is None:
@@ -179,24 +180,16 @@ def _open_output(out, shape: tuple, dtype: np.dtype, chunk_rows: int):
     return store
 
 
-def _chunks_present(out) -> set[int]:
+def _chunks_present(out, rank: int) -> set[int]:
     """Row-chunk indices of the chunks written so far (listed once, before this run writes)."""
-    ndim = len(_open_shape(out))
     present = set()
     for name in os.listdir(out):  # chunk keys are "i.0.0"; a write cut short leaves "i.0.0.__lock"
         parts = name.split(".")
-        if len(parts) == ndim and all(p.isdigit() for p in parts):
+        if len(parts) == rank and all(p.isdigit() for p in parts):
             present.add(int(parts[0]))
     if jax.process_count() > 1:  # every process decides on the same listing
         multihost_utils.sync_global_devices("jaxlrp.explain_dataset: listed")
     return present
-
-
-def _open_shape(out) -> list[int]:
-    import json
-
-    with open(os.path.join(out, ".zarray")) as f:
-        return json.load(f)["shape"]
 
 
 def _pending(starts, done: set[int], chunk_rows: int, shards: int, n: int) -> list[int]:
@@ -245,32 +238,24 @@ def _write(store, relevance: jax.Array, start: int, n: int, done: set[int], chun
     return futures
 
 
-class _progress_bar:
-    """A rich progress bar over samples with the throughput, or nothing."""
+@contextlib.contextmanager
+def _progress_bar(show: bool, total: int, completed: int):
+    """Yields `advance(k)`: a rich progress bar over samples with the throughput, or nothing."""
+    if not show:
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __init__(self, show: bool, total: int, completed: int):
-        self.show, self.total, self.completed = show, total, completed
-
-    def __enter__(self):
-        if not self.show:
-            return lambda k: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("explaining"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task("explain", total=self.total, completed=self.completed, rate="-")
-        started, counted = time.perf_counter(), [0]
+    started, counted = time.perf_counter(), 0
+    with Progress(TextColumn("explaining"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("explain", total=total, completed=completed, rate="-")
 
         def advance(k: int) -> None:
-            counted[0] += k
-            rate = counted[0] / max(time.perf_counter() - started, 1e-9)
-            self.bar.update(task, advance=k, rate=f"{rate:,.1f}")
+            nonlocal counted
+            counted += k
+            rate = counted / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=k, rate=f"{rate:,.1f}")
 
-        return advance
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.bar.refresh()
-            self.bar.__exit__(*exc)
-        return False
+        yield advance
+        bar.refresh()

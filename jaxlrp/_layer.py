@@ -82,8 +82,9 @@ class Layer:
         else None.
 
         `x·W'` is the layer's own output minus its bias (no convolution) when the output is
-        precise, so the sign-split rules need one extra application of the map (`x·W'⁺`, and
-        `x·W'⁻ = x·W' − x·W'⁺`) and two transposes, not two and two.
+        precise, so γ needs one extra application of the map (`x·W'⁺`, and `x·W'⁻ = x·W' −
+        x·W'⁺`) and two transposes, not two and two. (αβ does not use it: its `x·W'⁻ + b'⁻` is
+        often near zero, where the difference would leave it with the rounding of `x·W'⁺`.)
         """
         if not self.nonnegative_inputs or self.weight is None or self.scale is not None or len(inputs) != 1:
             return None

@@ -139,7 +139,7 @@ def _compiled_when_eager(pure: Callable) -> Callable:
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, relevance = jitted(*args, target=target, **kwargs)
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer):
+        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and _is_concrete(target):
             _check_classes(target, out.shape[-1])
         return out, relevance
 

@@ -152,8 +152,7 @@ def _after(relevance, inputs: Inputs) -> Inputs:
     What a rule computes from the forward values alone (`x·W⁺` in z⁺, αβ and γ) could otherwise
     be scheduled in the forward pass, and XLA does so: every layer's result would be held until
     the backward pass reaches it, an activation per layer. (`lax.optimization_barrier` does not
-    prevent it on CPU, where it is expanded before scheduling.) A NaN or Inf in the relevance
-    The zero is read from one element, or under explicit sharding, where an element of a
+    prevent it on CPU, where it is expanded before scheduling.) The zero is read from one element, or under explicit sharding, where an element of a
     sharded axis cannot be sliced out, from the maximum; it is zero even where that element is
     NaN or Inf, so that a sample with NaN spoils no other.
     """
@@ -242,14 +241,10 @@ class AlphaBeta(Rule):
             )
 
     def __call__(self, layer, inputs, relevance):
+        # z_β is computed as a map of its own, never as z − x·W'⁺: it is often near zero, where
+        # that difference would leave it with float32 rounding of the size of x·W'⁺ (measured on
+        # the ResNet-18-like benchmark CNN: 6e-4 relative L2 off float64, against 6e-7).
         inputs = _after(relevance, inputs)
-        split = layer.positive_split(inputs)
-        if split is not None:  # x ≥ 0: z_α = x·W'⁺ + b'⁺, z_β = (x·W' − x·W'⁺) + b'⁻
-            z, z_pos, back, back_pos = split
-            s_alpha = _divide(relevance, stabilize(z_pos + jnp.maximum(layer.bias, 0), self.stabilizer))
-            s_beta = _divide(relevance, stabilize(z - z_pos + jnp.minimum(layer.bias, 0), self.stabilizer))
-            # α x ⊙ (s_α·W'⁺) − β x ⊙ (s_β·W'⁻), with W'⁻ = W' − W'⁺
-            return _mul(inputs, _sub(back_pos(self.alpha * s_alpha + self.beta * s_beta), back(self.beta * s_beta)))
         positive, negative = layer.modified(positive_part), layer.modified(negative_part)
         z_alpha, back_alpha = _by_sign(layer, inputs, positive, negative)
         z_beta, back_beta = _by_sign(layer, inputs, negative, positive)
