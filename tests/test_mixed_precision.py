@@ -15,33 +15,11 @@ from jaxlrp import composites, rules
 import models
 
 X = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float32)
-COMPOSITES = {
-    "EpsilonPlusFlat": composites.EpsilonPlusFlat(),
-    "EpsilonGammaBox": composites.EpsilonGammaBox(-4.0, 4.0),
-    "EpsilonAlpha2Beta1Flat": composites.EpsilonAlpha2Beta1Flat(),
-    "Epsilon(0.01)": composites.LayerMap({("dense", "conv"): rules.Epsilon(0.01)}),
-    "LRP0": composites.LRP0(),
-}
 PRECISIONS = {
     "float32": {},
     "dtype=bfloat16": {"dtype": jnp.bfloat16},
     "param_dtype=bfloat16": {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16},
 }
-
-
-STAGES = (1, 1, 1, 1)  # ResNet-10: every kind of block of ResNet-18, half the layers
-
-
-@pytest.fixture(scope="module")
-def variables():
-    return models.random_variables(models.ResNet(STAGES), X, train=False)
-
-
-def _model_and_variables(variables, precision):
-    kwargs = PRECISIONS[precision]
-    if "param_dtype" in kwargs:
-        variables = jax.tree.map(lambda a: a.astype(kwargs["param_dtype"]), variables)
-    return models.ResNet(STAGES, **kwargs), variables
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -55,44 +33,6 @@ def test_every_batchnorm_is_merged(precision):
     means = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0] if "mean" in str(path)]
     assert len(merged) == len(means) == 20  # every BatchNorm, each merged once
     assert {info.kind for info in table.layers} == {"conv", "sum", "dense"}
-
-
-def _gradient_x_input(model, variables, target):
-    def logit(x):
-        out = model.apply(variables, x, train=False)
-        return jnp.take_along_axis(out, target[:, None], -1).astype(jnp.float32).sum()
-
-    return X * jax.grad(logit)(X)
-
-
-@pytest.mark.parametrize("precision", ["param_dtype=bfloat16"])  # dtype=bfloat16: see the test below
-def test_bfloat16_maps_stay_close_to_float32(variables, precision):
-    reference = models.ResNet(STAGES)
-    model, half_variables = _model_and_variables(variables, precision)
-
-    @jax.jit
-    def maps(variables, half_variables):
-        target = jnp.argmax(reference.apply(variables, X, train=False), -1)
-        return {
-            name: (jaxlrp.lrp(reference, c, train=False)(variables, X, target),
-                   jaxlrp.lrp(model, c, train=False)(half_variables, X, target))
-            for name, c in COMPOSITES.items()
-        } | {"gradient x input": (_gradient_x_input(reference, variables, target), _gradient_x_input(model, half_variables, target))}
-
-    distances = {}
-    for name, (expected, relevance) in maps(variables, half_variables).items():
-        assert relevance.dtype == X.dtype  # the input's dtype: Flax converts it inside the model
-        a, b = np.asarray(expected).ravel(), np.asarray(relevance, np.float32).ravel()
-        distances[name] = (np.linalg.norm(a - b) / np.linalg.norm(a), np.corrcoef(a, b)[0, 1])
-    # The model's own bfloat16 error bounds what any attribution can reach: its gradient x input
-    # is 12-13% (relative L2) off float32 here. Measured (relative L2, Pearson), dtype=bfloat16:
-    # EpsilonPlusFlat 0.006 / 0.99999, EpsilonGammaBox 0.10 / 0.995, EpsilonAlpha2Beta1Flat
-    # 0.11 / 0.994, Epsilon(0.01) 0.12 / 0.993, LRP0 0.12 / 0.992; param_dtype=bfloat16 within
-    # 0.005 of these. Before the merge through dtype conversions, Pearson was 0.03.
-    bound, _ = distances.pop("gradient x input")
-    for name, (relative_l2, pearson) in distances.items():
-        assert relative_l2 <= 1.1 * bound, (name, relative_l2, bound)
-        assert pearson > 0.99, (name, pearson)
 
 
 def test_rules_compute_in_float32_for_bfloat16_layers():
