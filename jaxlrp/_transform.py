@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _eager, _function, _linen, _nnx, rules as _rules
+from jaxlrp import _checks, _eager, _function, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
@@ -135,12 +135,12 @@ def _compiled_when_eager(pure: Callable) -> Callable:
     def call(position, *args, target=None, **kwargs):
         if _eager.is_traced((args, target, kwargs)):
             return pure(*args, target=target, **kwargs)
-        _check_input(args[position])  # under jit the check would see a tracer and skip
+        _checks.check_input(args[position])  # under jit the check would see a tracer and skip
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, relevance = jitted(*args, target=target, **kwargs)
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and _is_concrete(target):
-            _check_classes(target, out.shape[-1])
+        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and _checks.is_concrete(target):
+            _checks.check_classes(target, out.shape[-1])
         return out, relevance
 
     return call
@@ -200,28 +200,6 @@ def _check_composite(composite) -> None:
             f"jaxlrp expected a composite (e.g. jaxlrp.composites.EpsilonPlusFlat()), got {composite!r}. "
             "To use one rule for every layer: composites.LayerMap({('dense', 'conv'): rule})."
         )
-
-
-def _check_input(x) -> None:
-    dtype = jnp.result_type(x)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(
-            f"jaxlrp explains floating-point inputs (or integer token ids for models that start with "
-            f"an embedding), got an input of dtype {dtype}."
-        )
-    if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(x):
-        with jax.ensure_compile_time_eval():  # evaluated now, even inside an outer jit
-            finite = bool(jnp.all(jnp.isfinite(x)))
-        if not finite:
-            raise ValueError(
-                "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
-                "Clean the input first (under jit this cannot be checked and NaN propagates)."
-            )
-
-
-def _is_concrete(x) -> bool:
-    """A value known now (not traced), whose every shard this process holds."""
-    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _plan(traced: Traced, composite: Composite) -> Plan:
@@ -323,22 +301,16 @@ def _seed(out: jax.Array, target) -> jax.Array:
             f"jaxlrp: an integer target is a class index per sample, shape () or {out.shape[:-1]}, "
             f"got {target.shape}."
         )
-    if _is_concrete(target):
-        _check_classes(target, out.shape[-1])
+    if _checks.is_concrete(target):
+        _checks.check_classes(target, out.shape[-1])
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
-
-
-def _check_classes(target, classes: int) -> None:
-    t = np.asarray(target)
-    if np.any(t < 0) or np.any(t >= classes):
-        raise ValueError(f"jaxlrp: target class out of range [0, {classes}): {t}.")
 
 
 def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=()):
     """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained
     (`others`: what `bind` closes over)."""
     x = inputs[-1]
-    _check_input(x)
+    _checks.check_input(x)
     # Inside jax.shard_map, the explained input varies along every manual axis that the
     # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
     # a target per device): so does the relevance, which then needs no sum over devices.

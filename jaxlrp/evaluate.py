@@ -1,0 +1,411 @@
+"""How faithful is a relevance map? Region perturbation (MoRF, LeRF, random), AOPC and ABPC,
+the cascading parameter randomisation test, and the choice of rule hyperparameters by
+faithfulness, each one compiled call per batch: the perturbation steps, the samples and the
+points of a hyperparameter grid are array axes, not Python loops.
+
+Example::
+
+    from jaxlrp import evaluate
+
+    apply = lambda x: model.apply(variables, x)
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlusFlat())(variables, x, y)
+    morf = evaluate.region_perturbation(apply, x, relevance, y, patch=(2, 2, 1))
+    lerf = evaluate.region_perturbation(apply, x, relevance, y, patch=(2, 2, 1), order="lerf")
+    print(evaluate.aopc(morf).mean(), evaluate.abpc(morf, lerf).mean())
+
+References: Samek et al. 2017, "Evaluating the visualization of what a deep neural network has
+learned" (region perturbation, AOPC); Achtibat et al. 2024, "AttnLRP" (ABPC); Adebayo et al.
+2018, "Sanity checks for saliency maps" (the randomisation test).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlrp import _eager
+from jaxlrp._model import apply_function
+from jaxlrp._transform import lrp
+
+__all__ = [
+    "Randomization",
+    "Sweep",
+    "abpc",
+    "aopc",
+    "randomization_test",
+    "region_perturbation",
+    "spearman",
+    "sweep",
+]
+
+ORDERS = ("morf", "lerf", "random")
+
+
+def region_perturbation(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    relevance: jax.Array,
+    target=None,
+    *,
+    patch: Sequence[int],
+    steps: int | None = None,
+    order: str = "morf",
+    baseline=0.0,
+    key: jax.Array | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
+    """The target output as regions of the input are replaced, one more per step.
+
+    Regions are the non-overlapping blocks of shape `patch` (one size per non-batch axis of `x`,
+    dividing it: `(2, 2, C)` for images, `(1,)` for vectors, which is pixel flipping, `(1, d)`
+    for token embeddings), numbered in row-major order. A region's score is the sum of its
+    relevance; regions are replaced cumulatively by `baseline` in the `order` `"morf"` (most
+    relevant first), `"lerf"` (least relevant first; ties in both by region number) or
+    `"random"` (a permutation per sample, from `key`).
+
+    Args:
+      fn: maps a batch of inputs to outputs `(batch, classes)` (or `(batch,)` scores).
+      x: the inputs, `(batch, ...)`; `relevance` is shaped like it.
+      target: the class per sample (shape `(batch,)` or `()`), or `None` for the class `fn`
+        predicts for `x`; ignored for `(batch,)` outputs.
+      steps: how many regions to replace (default: all).
+      baseline: a value, an array broadcastable to `x`, `"mean"` (each sample's mean) or
+        `"uniform"` (noise uniform in each sample's [min, max], drawn once from `key`).
+      chunk: how many perturbed copies of the batch go through `fn` at once (`jax.lax.map`'s
+        `batch_size`); `None`: all `steps + 1` in one batched call.
+
+    Returns:
+      `curve` of shape `(batch, steps + 1)`: `curve[:, k]` is the target output after `k`
+      regions, `curve[:, 0]` the unperturbed one.
+
+    All steps of all samples are one batched evaluation of `fn` (no Python loop); under
+    `jax.jit` the whole curve is one compiled call.
+    """
+    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    if relevance.shape != x.shape:
+        raise ValueError(
+            f"jaxlrp.evaluate.region_perturbation: relevance {relevance.shape} must be shaped like the input {x.shape}."
+        )
+    grid = _region_grid(x.shape, patch, "region_perturbation")
+    regions = int(np.prod(grid))
+    steps = regions if steps is None else int(steps)
+    if not 0 <= steps <= regions:
+        raise ValueError(f"jaxlrp.evaluate.region_perturbation: steps must lie in [0, {regions}] regions, got {steps}.")
+    if order not in ORDERS:
+        raise ValueError(f"jaxlrp.evaluate.region_perturbation: order must be one of {ORDERS}, got {order!r}.")
+    needs_key = order == "random" or (isinstance(baseline, str) and baseline == "uniform")
+    if needs_key and key is None:
+        raise ValueError("jaxlrp.evaluate.region_perturbation: a random order or a uniform baseline needs key=.")
+    patch = tuple(patch)
+    order_key, fill_key = jax.random.split(key) if key is not None else (None, None)
+    rank = _region_rank(_region_scores(relevance, patch), order, order_key)  # (batch, regions)
+    fill = _fill(x, baseline, fill_key)
+    clean = fn(x)
+    if target is None and clean.ndim > 1:
+        target = jnp.argmax(clean, axis=-1)
+
+    def output(k):
+        removed = _expand(rank < k, x.shape, patch)
+        return _pick(fn(jnp.where(removed, fill, x)), target)
+
+    ks = jnp.arange(1, steps + 1)
+    rest = jax.vmap(output)(ks) if chunk is None else jax.lax.map(output, ks, batch_size=chunk)
+    return jnp.concatenate([_pick(clean, target)[:, None], rest.T], axis=1)
+
+
+def aopc(curve: jax.Array) -> jax.Array:
+    """Area over the perturbation curve, per sample (Samek et al. 2017):
+    `(1/(L+1)) Σ_{k=0..L} curve[:, 0] − curve[:, k]`. Averaged over samples, it is the paper's
+    AOPC; higher is better for a MoRF curve."""
+    curve = jnp.asarray(curve)
+    return jnp.mean(curve[:, :1] - curve, axis=1)
+
+
+def abpc(morf: jax.Array, lerf: jax.Array) -> jax.Array:
+    """Area between the perturbation curves, per sample (AttnLRP, Achtibat et al. 2024):
+    `(1/(L+1)) Σ_k lerf[:, k] − morf[:, k]`, which equals `aopc(morf) − aopc(lerf)`. Higher is
+    better: removing the most relevant regions should hurt most, the least relevant least."""
+    morf, lerf = jnp.asarray(morf), jnp.asarray(lerf)
+    if morf.shape != lerf.shape:
+        raise ValueError(f"jaxlrp.evaluate.abpc: the MoRF curve {morf.shape} and the LeRF curve {lerf.shape} differ.")
+    return jnp.mean(lerf - morf, axis=1)
+
+
+def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Spearman's rank correlation per sample between `a` and `b` of shape `(batch, ...)`, ties
+    given their average rank (as `scipy.stats.spearmanr`); NaN where a map is constant."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    ra, rb = _ranks(a.reshape(a.shape[0], -1)), _ranks(b.reshape(b.shape[0], -1))
+    ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
+    return (ra * rb).sum(axis=1) / jnp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+
+
+class Randomization(NamedTuple):
+    """The result of `randomization_test`."""
+
+    layers: tuple[str, ...]
+    """The randomised layers, from the output down: step `l` randomises `layers[: l + 1]`."""
+    correlation: jax.Array
+    """`(len(layers), batch)`: Spearman correlation of each step's map with the original."""
+
+
+def randomization_test(
+    explain: Callable[..., jax.Array],
+    variables,
+    x: jax.Array,
+    target=None,
+    *,
+    key: jax.Array,
+    layers: Sequence[str] | None = None,
+    randomize: Callable[[jax.Array, str, jax.Array], jax.Array] | None = None,
+    absolute: bool = False,
+    relevance: jax.Array | None = None,
+) -> Randomization:
+    """Cascading model parameter randomisation (Adebayo et al. 2018): the layers' parameters are
+    randomised from the output down, one more layer per step, and each step's map is compared
+    with the original by Spearman's rank correlation, per sample. A method whose maps stay
+    similar while the model is destroyed does not explain the model.
+
+    Args:
+      explain: `explain(variables, x, target)`, e.g. `jaxlrp.lrp(model, composite)` or a
+        `jaxlrp.attribution` baseline (for an NNX module, its GraphDef form).
+      layers: the layers' paths in execution order (from the input to the output), e.g.
+        `["conv0", "bn0", "fc1"]`; a layer is the group of arrays sharing a path (without the
+        collection name and the array's own name). Default: every group, in the order of
+        `variables` (Linen: the modules' creation order; an NNX State is sorted by name, so pass
+        the order there).
+      randomize: `randomize(key, path, array) -> array`, `path` the array's full key path
+        (`"params/conv0/kernel"`). Default: a random permutation of the array's entries, which
+        keeps its values (scales stay positive) and destroys what was learned.
+      absolute: compare `|R|` instead of `R` (Adebayo et al. report both).
+      relevance: the original maps, if already computed (else `explain(variables, x, target)`).
+
+    All steps run in one compiled call (`jax.lax.map` over the steps).
+    """
+    paths = [_key_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+    groups = [_group(path, variables) for path in paths]
+    known = _in_mapping_order([g for g in groups if g is not None], paths, groups, variables)
+    if layers is None:
+        layers = known
+    unknown = [name for name in layers if name not in known]
+    if unknown:
+        raise ValueError(f"jaxlrp.evaluate.randomization_test: unknown layer(s) {unknown}; the layers are {known}.")
+    top_down = tuple(reversed(list(layers)))
+    step_of = tuple(top_down.index(g) if g in top_down else -1 for g in groups)
+    correlation = _randomization(
+        explain, variables, x, target, key, len(top_down), step_of, tuple(paths), randomize or _permute, absolute, relevance
+    )
+    return Randomization(top_down, correlation)
+
+
+@_eager.jit_when_eager
+def _randomization(explain, variables, x, target, key, n_layers, step_of, paths, randomize, absolute, relevance):
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(key, len(leaves))
+    random = [randomize(k, p, leaf) if s >= 0 else leaf for k, p, leaf, s in zip(keys, paths, leaves, step_of)]
+    original = explain(variables, x, target) if relevance is None else relevance
+    transform = jnp.abs if absolute else (lambda r: r)
+
+    def step(l):
+        mixed = [jnp.where(l >= s, r, leaf) if s >= 0 else leaf for leaf, r, s in zip(leaves, random, step_of)]
+        return spearman(transform(original), transform(explain(jax.tree.unflatten(treedef, mixed), x, target)))
+
+    return jax.lax.map(step, jnp.arange(n_layers))
+
+
+class Sweep(NamedTuple):
+    """The result of `sweep`."""
+
+    scores: jax.Array
+    """Mean ABPC over the batch at each grid point, shaped `(len(v) for v in grid.values())`."""
+    best: dict
+    """The grid point with the highest score, `{name: value}`."""
+    grid: dict
+    """The grid, as given."""
+
+
+def sweep(
+    make_composite: Callable[..., object],
+    grid: Mapping[str, Sequence[float]],
+    model,
+    variables,
+    x: jax.Array,
+    target=None,
+    **region_perturbation_args,
+) -> Sweep:
+    """Chooses rule hyperparameters by faithfulness: for each point of the grid (the product of
+    the value lists in `grid`), builds `make_composite(**point)`, explains `x` with
+    `jaxlrp.lrp`, and scores the maps by their mean ABPC (MoRF and LeRF region perturbation with
+    `region_perturbation_args`: `patch=`, `steps=`, `baseline=`, `key=`, `chunk=`). All points
+    are explained and scored in one `vmap`-ed, jit-compiled call: the hyperparameters are traced
+    leaves of the composite, so the grid costs one compilation.
+
+    `model`, `variables`: as for `jaxlrp.lrp` (Linen module and variables, NNX GraphDef and
+    state, function and params; for an NNX module pass `variables=None`).
+
+    Example::
+
+        result = evaluate.sweep(
+            lambda gamma, epsilon: composites.EpsilonGammaBox(low=0., high=1., gamma=gamma, epsilon=epsilon),
+            {"gamma": [0.01, 0.1, 0.25, 1.0], "epsilon": [1e-6, 0.01, 0.25]},
+            model, variables, x, y, patch=(2, 2, 1))
+        result.best  # {'gamma': 0.25, 'epsilon': 0.01}
+    """
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise ValueError("jaxlrp.evaluate.sweep: for an NNX module pass variables=None (its state is read).")
+        model, variables = nnx.graphdef(model), nnx.state(model)
+    names = list(grid)
+    values = [np.asarray(grid[name], dtype=np.float64).reshape(-1) for name in names]
+    points = np.array(list(itertools.product(*values))).reshape(-1, len(names))
+    x = jnp.asarray(x)
+    apply = apply_function(model, {})
+    if target is None:
+        target = jnp.argmax(apply(variables, x), axis=-1)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+    @jax.jit
+    def scores(points, variables, x, target):
+        def score(point):
+            composite = make_composite(**dict(zip(names, point)))
+            relevance = lrp(model, composite)(variables, x, target)
+            forward = functools.partial(apply, variables)
+            curves = [
+                region_perturbation(forward, x, relevance, target, order=order, **region_perturbation_args)
+                for order in ("morf", "lerf")
+            ]
+            return abpc(*curves).mean()
+
+        return jax.vmap(score)(points)
+
+    result = scores(jnp.asarray(points, dtype), variables, x, target)
+    shaped = result.reshape([len(v) for v in values])
+    best = points[int(jnp.nanargmax(result))]
+    return Sweep(shaped, {name: float(v) for name, v in zip(names, best)}, dict(grid))
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _region_grid(shape, patch, caller: str) -> tuple[int, ...]:
+    sizes = tuple(shape[1:])
+    patch = tuple(patch)
+    if len(patch) != len(sizes) or any(p < 1 or s % p for s, p in zip(sizes, patch)):
+        raise ValueError(
+            f"jaxlrp.evaluate.{caller}: patch {patch} needs one size per non-batch axis of the input "
+            f"{tuple(shape)}, each dividing that axis."
+        )
+    return tuple(s // p for s, p in zip(sizes, patch))
+
+
+def _blocked(shape, patch) -> tuple[int, ...]:
+    """`(batch, g1, p1, g2, p2, ...)`: the input's shape with each axis split into regions."""
+    return (shape[0], *(v for s, p in zip(shape[1:], patch) for v in (s // p, p)))
+
+
+def _region_scores(relevance, patch) -> jax.Array:
+    """`(batch, regions)`: the relevance summed over each region, regions in row-major order."""
+    blocked = relevance.reshape(_blocked(relevance.shape, patch))
+    return blocked.sum(axis=tuple(range(2, blocked.ndim, 2))).reshape(relevance.shape[0], -1)
+
+
+def _expand(per_region, shape, patch) -> jax.Array:
+    """`(batch, regions)` -> `shape`, each region's value over its block."""
+    grid = _blocked(shape, patch)
+    expanded = per_region.reshape(grid[0], *grid[1::2], *([1] * len(patch)))
+    order = (0, *(i for d in range(len(patch)) for i in (1 + d, 1 + len(patch) + d)))
+    return jnp.broadcast_to(expanded.transpose(order), grid).reshape(shape)
+
+
+def _region_rank(scores, order, key) -> jax.Array:
+    """`(batch, regions)`: each region's position in the perturbation order."""
+    batch, regions = scores.shape
+    if order == "random":
+        sequence = jax.vmap(lambda k: jax.random.permutation(k, regions))(jax.random.split(key, batch))
+    else:
+        sequence = jnp.argsort(-scores if order == "morf" else scores, axis=1, stable=True)
+    return jnp.argsort(sequence, axis=1)
+
+
+def _fill(x, baseline, key) -> jax.Array:
+    axes = tuple(range(1, x.ndim))
+    if isinstance(baseline, str):
+        if baseline == "mean":
+            return jnp.broadcast_to(jnp.mean(x, axes, keepdims=True), x.shape)
+        if baseline == "uniform":
+            low, high = jnp.min(x, axes, keepdims=True), jnp.max(x, axes, keepdims=True)
+            return jax.random.uniform(key, x.shape, x.dtype, low, high)
+        raise ValueError(f"jaxlrp.evaluate: baseline must be a value, an array, 'mean' or 'uniform'; got {baseline!r}.")
+    return jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+
+
+def _pick(out, target) -> jax.Array:
+    """The explained output per sample."""
+    if out.ndim == 1:
+        return out
+    target = jnp.broadcast_to(jnp.asarray(target), out.shape[:1])
+    return jnp.take_along_axis(out.reshape(out.shape[0], -1), target[:, None], axis=1)[:, 0]
+
+
+def _ranks(values) -> jax.Array:
+    """`(batch, n)` -> ranks 0..n-1 per row, ties given their average rank."""
+    sorted_values = jnp.sort(values, axis=1)
+    below = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="left"))(sorted_values, values)
+    upto = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="right"))(sorted_values, values)
+    return (below + upto - 1).astype(jnp.promote_types(values.dtype, jnp.float32)) / 2
+
+
+def _permute(key, path: str, leaf) -> jax.Array:
+    del path
+    return jax.random.permutation(key, leaf.reshape(-1)).reshape(leaf.shape)
+
+
+def _key_path(path) -> str:
+    names = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            names.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            if entry.name != "value":  # an NNX Variable's value
+                names.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            names.append(str(entry.idx))
+        else:
+            names.append(str(entry))
+    return "/".join(names)
+
+
+def _in_mapping_order(names, paths, groups, variables) -> list[str]:
+    """The distinct layer names, ordered as their arrays first appear when walking the nested
+    mappings of `variables` in their own order (a Linen dict: creation order), not sorted as
+    `jax.tree` flattens them."""
+    walk = list(_walk(variables))
+    first = {}
+    for path, group in zip(paths, groups):
+        if group is not None:
+            position = next((i for i, w in enumerate(walk) if f"{path}/".startswith(w)), len(walk))
+            first[group] = min(first.get(group, position), position)
+    return sorted(dict.fromkeys(names), key=lambda g: first[g])
+
+
+def _walk(tree, prefix: str = ""):
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _walk(v, f"{prefix}{k}/")
+    else:
+        yield prefix
+
+
+def _group(path: str, variables) -> str | None:
+    """A leaf's layer: its path without the array's name and (for Linen variables) the collection."""
+    parts = path.split("/")
+    if isinstance(variables, Mapping) and "params" in variables and not isinstance(variables, nnx.State):
+        parts = parts[1:]
+    return "/".join(parts[:-1]) or None
