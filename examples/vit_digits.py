@@ -113,10 +113,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     path = out / "vit_digits.png"
     rows = [
-        [viz.gray_to_rgb(x[i, ..., 0])] + [viz.relevance_to_rgb(maps[n][i]) for n in methods]
-        for i in range(n_explain)
+        [viz.image(x[i], invert=True)] + [viz.heatmap(maps[n][i]) for n in methods] for i in range(n_explain)
     ]  # each digit beside its AttnLRP and CPLRP maps
-    viz.save_grid(path, rows, ["digit", *methods], cell=80)
+    viz.save_png(path, viz.grid(rows, column_labels=["digit", *methods], cell=80))
     print(f"wrote {path}")
     print(f"total time {time.perf_counter() - start:.1f} s")
 

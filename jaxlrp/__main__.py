@@ -1,4 +1,4 @@
-"""Command line: `python -m jaxlrp demo [--out DIR] [--epochs N] [--samples N] [--seed N]`."""
+"""Command line: `python -m jaxlrp demo [--out DIR] [--epochs N] [--samples N] [--evaluate N] [--seed N]`."""
 
 import argparse
 
@@ -10,11 +10,12 @@ def main(argv=None) -> None:
     demo.add_argument("--out", default="jaxlrp-demo", help="output folder (default: ./jaxlrp-demo)")
     demo.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
     demo.add_argument("--samples", type=int, default=8, help="test digits to explain (default: 8)")
+    demo.add_argument("--evaluate", type=int, default=0, help="test digits for pixel flipping (default: all)")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from jaxlrp import demo as demo_module
 
-    demo_module.run(args.out, epochs=args.epochs, samples=args.samples, seed=args.seed)
+    demo_module.run(args.out, epochs=args.epochs, samples=args.samples, evaluate_digits=args.evaluate, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""The demo: train a small CNN on scikit-learn's bundled 8x8 digits, explain test digits.
+"""The demo: train a small CNN on scikit-learn's bundled 8x8 digits, explain and evaluate.
 
-    python -m jaxlrp demo [--out DIR] [--epochs N] [--samples N]
+    python -m jaxlrp demo [--out DIR] [--epochs N] [--samples N] [--evaluate N]
 
 Trains conv -> BatchNorm -> relu -> max-pool -> conv -> relu -> max-pool -> dense -> dense
-with optax, reports test accuracy, explains a grid of test digits with three LRP composites
-and gradient × input, and writes `heatmaps.png` and `summary.json` into DIR.
+with optax and reports test accuracy. Then, into DIR:
+
+* `heatmaps.png`: test digits beside their maps by three LRP composites and the baselines
+  (gradient × input, gradient, SmoothGrad, Integrated Gradients);
+* `faithfulness.png`: pixel-flipping curves (MoRF and LeRF, Samek et al. 2017: pixels replaced
+  by uniform noise, one per step) of every method and of a random order, ABPC in the legend;
+* `summary.json`: accuracy, relevance sums against the seed, AOPC and ABPC per method, and the
+  EpsilonGammaBox γ chosen by ABPC (`jaxlrp.evaluate.sweep`), with timings.
+
 Needs the demo extra: `pip install 'jaxlrp[demo]'` (optax, scikit-learn, Pillow).
 """
 
@@ -15,13 +22,28 @@ import pathlib
 import sys
 import time
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxlrp
-from jaxlrp import composites, viz
+from jaxlrp import attribution, composites, evaluate, viz
+
+COMPOSITES = {
+    "EpsilonPlusFlat": composites.EpsilonPlusFlat(),
+    "EpsilonGammaBox": composites.EpsilonGammaBox(low=0.0, high=1.0),
+    "EpsilonAlpha2Beta1Flat": composites.EpsilonAlpha2Beta1Flat(),
+}
+SHORT = {
+    "EpsilonPlusFlat": "EpsPlusFlat", "EpsilonGammaBox": "EpsGammaBox", "EpsilonAlpha2Beta1Flat": "EpsA2B1Flat",
+    "gradient_x_input": "grad*input", "gradient": "gradient", "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "IntGrad",
+}
+PIXEL_FLIPPING = {"patch": (1, 1, 1), "baseline": "uniform"}  # Samek et al. 2017: uniform noise
+GAMMAS = (0.0, 0.03, 0.1, 0.25, 0.5, 1.0)
 
 
 class DigitsCNN(nn.Module):
@@ -91,41 +113,43 @@ def train(x, y, epochs: int, seed: int = 0, batch_size: int = 64):
     return model, {"params": params, "batch_stats": batch_stats}
 
 
-def _timed(fn, *args, repeats: int = 5):
-    """(result, seconds of the first call incl. compilation, median seconds of later calls)."""
+def methods(model, key: jax.Array) -> dict:
+    """name -> `explain(variables, x, target)`: the LRP composites and the baselines."""
+    smoothgrad = attribution.smoothgrad(model)
+    return {
+        **{name: jaxlrp.lrp(model, composite) for name, composite in COMPOSITES.items()},
+        "gradient_x_input": attribution.gradient_x_input(model),
+        "gradient": attribution.gradient(model),
+        "smoothgrad": lambda variables, x, target: smoothgrad(variables, x, target, key=key),
+        "integrated_gradients": attribution.integrated_gradients(model),
+    }
+
+
+def faithfulness(model, explain, variables, x, target, key):
+    """`(relevance, MoRF curve, LeRF curve)`, one compiled call."""
+
+    @jax.jit
+    def run(variables, x, target, key):
+        relevance = explain(variables, x, target)
+        forward = functools.partial(model.apply, variables)
+        curves = [
+            evaluate.region_perturbation(forward, x, relevance, target, order=order, key=key, **PIXEL_FLIPPING)
+            for order in ("morf", "lerf")
+        ]
+        return relevance, *curves
+
+    return run(variables, x, target, key)
+
+
+def _timed(fn, *args):
+    """(result, seconds), the seconds including compilation."""
     start = time.perf_counter()
     result = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return result, first, float(np.median(times))
+    return result, time.perf_counter() - start
 
 
-def explainers(model):
-    """name -> jitted `(variables, x, target) -> (output, relevance)`."""
-
-    def gradient_x_input(variables, x, target):
-        def score(x):
-            out = model.apply(variables, x)
-            return jnp.take_along_axis(out, target[:, None], axis=1).sum(), out
-
-        grad, out = jax.grad(score, has_aux=True)(x)
-        return out, grad * x
-
-    methods = {
-        "EpsilonPlusFlat": composites.EpsilonPlusFlat(),
-        "EpsilonGammaBox": composites.EpsilonGammaBox(low=0.0, high=1.0),
-        "EpsilonAlpha2Beta1Flat": composites.EpsilonAlpha2Beta1Flat(),
-    }
-    out = {name: jax.jit(jaxlrp.output_and_lrp(model, c)) for name, c in methods.items()}
-    out["gradient_x_input"] = jax.jit(gradient_x_input)
-    return out
-
-
-def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, seed: int = 0) -> dict:
+def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, evaluate_digits: int = 0, seed: int = 0) -> dict:
+    """Trains, explains, evaluates and writes the figures; `evaluate_digits=0`: all test digits."""
     out_path = pathlib.Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = load_digits(seed)
@@ -136,38 +160,76 @@ def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, seed: 
     accuracy = float(np.mean(np.argmax(logits, -1) == y_test))
     print(f"test accuracy {accuracy:.3f} on {len(y_test)} digits (trained in {train_seconds:.1f} s)")
 
-    x, target = jnp.asarray(x_test[:samples]), jnp.asarray(y_test[:samples])
-    results, summary_methods = {}, {}
-    for name, explain in explainers(model).items():
-        (output, relevance), first, steady = _timed(explain, variables, x, target)
-        seed_values = np.take_along_axis(np.asarray(output), np.asarray(target)[:, None], axis=1)[:, 0]
-        sums = np.asarray(relevance).reshape(samples, -1).sum(axis=1)
-        results[name] = np.asarray(relevance)[..., 0]
+    n = evaluate_digits or len(x_test)
+    x, target = jnp.asarray(x_test[:n]), jnp.asarray(y_test[:n])  # explain the true class
+    keys = jax.random.split(jax.random.key(seed), 4)
+    forward = functools.partial(model.apply, variables)
+    seeds = np.asarray(forward(x))[np.arange(n), np.asarray(target)]
+    maps, curves, summary_methods = {}, {}, {}
+    print(f"pixel flipping on {n} test digits (MoRF and LeRF, uniform noise):")
+    for name, explain in methods(model, keys[0]).items():
+        (relevance, morf, lerf), seconds = _timed(faithfulness, model, explain, variables, x, target, keys[1])
+        maps[name], curves[name] = np.asarray(relevance)[:samples, ..., 0], (np.asarray(morf), np.asarray(lerf))
+        sums = np.asarray(relevance).reshape(n, -1).sum(axis=1)
         summary_methods[name] = {
-            "relevance_sum": sums.tolist(),
-            "seed": seed_values.tolist(),
-            "mean_sum_over_seed": float(np.mean(sums / seed_values)),
-            "first_call_seconds": first,
-            "seconds_per_call": steady,
+            "aopc_morf": float(evaluate.aopc(morf).mean()),
+            "aopc_lerf": float(evaluate.aopc(lerf).mean()),
+            "abpc": float(evaluate.abpc(morf, lerf).mean()),
+            "mean_sum_over_seed": float(np.mean(sums / seeds)),
+            "seconds": seconds,
         }
-        print(f"{name:24s} sum/seed {summary_methods[name]['mean_sum_over_seed']:.3f}   "
-              f"{1e3 * steady:.2f} ms per batch of {samples}")
-
-    titles = ["input", "EpsPlusFlat", "EpsGammaBox", "EpsA2B1Flat", "grad*input"]
-    rows = [
-        [viz.gray_to_rgb(x_test[i, ..., 0])] + [viz.relevance_to_rgb(results[n][i]) for n in results]
-        for i in range(samples)
+        print(f"  {name:24s} ABPC {summary_methods[name]['abpc']:7.3f}   AOPC(MoRF) "
+              f"{summary_methods[name]['aopc_morf']:7.3f}   sum/seed {summary_methods[name]['mean_sum_over_seed']:6.3f}")
+    random = [
+        evaluate.region_perturbation(forward, x, x, target, order="random", key=k, **PIXEL_FLIPPING)
+        for k in keys[2:]
     ]
-    viz.save_grid(out_path / "heatmaps.png", rows, titles, cell=80)
+    curves["random"] = tuple(np.asarray(c) for c in random)
+    summary_methods["random"] = {
+        "aopc_morf": float(evaluate.aopc(random[0]).mean()),
+        "aopc_lerf": float(evaluate.aopc(random[1]).mean()),
+        "abpc": float(evaluate.abpc(*random).mean()),
+    }
+    print(f"  {'random order':24s} ABPC {summary_methods['random']['abpc']:7.3f}")
+
+    gamma_sweep, sweep_seconds = _timed(
+        functools.partial(evaluate.sweep, key=keys[1], **PIXEL_FLIPPING),
+        lambda gamma: composites.EpsilonGammaBox(low=0.0, high=1.0, gamma=gamma),
+        {"gamma": GAMMAS}, model, variables, x, target,
+    )
+    print("EpsilonGammaBox γ by ABPC: " + "  ".join(f"{g}: {s:.3f}" for g, s in zip(GAMMAS, gamma_sweep.scores))
+          + f"  -> γ = {gamma_sweep.best['gamma']} ({sweep_seconds:.1f} s, one compiled call)")
+
+    _write_figures(out_path, x_test[:samples], maps, curves, summary_methods)
     summary = {
         "test_accuracy": accuracy,
         "train_seconds": train_seconds,
         "epochs": epochs,
-        "samples": samples,
-        "targets": np.asarray(target).tolist(),
+        "evaluated_digits": n,
+        "faithfulness_protocol": {**PIXEL_FLIPPING, "steps": 64, "targets": "true class"},
         "backend": jax.default_backend(),
         "methods": summary_methods,
+        "gamma_sweep": {
+            "gamma": list(GAMMAS),
+            "abpc": np.asarray(gamma_sweep.scores).tolist(),
+            "best": gamma_sweep.best,
+            "seconds": sweep_seconds,
+        },
     }
     (out_path / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out_path / 'heatmaps.png'} and {out_path / 'summary.json'}")
+    print(f"wrote {out_path / 'heatmaps.png'}, {out_path / 'faithfulness.png'} and {out_path / 'summary.json'}")
     return summary
+
+
+def _write_figures(out_path, digits, maps, curves, summary_methods) -> None:
+    rows = [[viz.image(d, invert=True)] + [viz.heatmap(maps[name][i]) for name in maps] for i, d in enumerate(digits)]
+    titles = ["input"] + [SHORT[name] for name in maps]
+    viz.save_png(out_path / "heatmaps.png", viz.grid(rows, column_labels=titles, cell=80))
+    panels = []
+    for index, order in enumerate(("MoRF", "LeRF")):
+        lines = {
+            f"{SHORT.get(name, name)} ({summary_methods[name]['abpc']:.2f})": pair[index].mean(axis=0)
+            for name, pair in curves.items()
+        }
+        panels.append(viz.curves(lines, title=f"{order}, legend: ABPC", xlabel="pixels replaced by noise"))
+    viz.save_png(out_path / "faithfulness.png", np.concatenate(panels, axis=1))

@@ -1,55 +1,197 @@
-"""Pictures of relevance: colours (red positive, blue negative, white zero, on a symmetric
-scale), PNG grids of image heatmaps, and HTML token heatmaps.
+"""Pictures of relevance: heatmaps on a symmetric scale (zero is the colour map's centre),
+overlays, labelled grids, faithfulness curves, PNG files and HTML token heatmaps.
 
-Needs Pillow (`pip install jaxlrp[demo]`) only to write PNG files; the colouring is NumPy.
+The colouring is NumPy and returns uint8 RGB arrays; drawing labels, curves and writing PNG
+files needs Pillow (`pip install 'jaxlrp[demo]'`).
+
+Example::
+
+    from jaxlrp import viz
+
+    maps = viz.heatmap(relevance, reduce="sum")            # (batch, H, W, C) -> (batch, H, W, 3)
+    picture = viz.grid([[viz.image(x[i]), maps[i]] for i in range(4)], column_labels=["input", "LRP"])
+    viz.save_png("heatmaps.png", picture)
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["relevance_to_rgb", "gray_to_rgb", "save_grid", "text_heatmap"]
+__all__ = ["COLORMAPS", "curves", "grid", "heatmap", "image", "overlay", "save_png", "text_heatmap"]
+
+COLORMAPS: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
+    # (position in [0, 1], RGB) anchors, linear in between. The diverging maps are white
+    # (bwr, seismic) or black (coldnhot) at 0.5, which `symmetric` puts at zero relevance.
+    "bwr": ((0.0, (0, 0, 255)), (0.5, (255, 255, 255)), (1.0, (255, 0, 0))),
+    "seismic": (
+        (0.0, (0, 0, 77)), (0.25, (0, 0, 255)), (0.5, (255, 255, 255)), (0.75, (255, 0, 0)), (1.0, (128, 0, 0))
+    ),
+    "coldnhot": (
+        (0.0, (0, 255, 255)), (0.25, (0, 0, 255)), (0.5, (0, 0, 0)), (0.75, (255, 0, 0)), (1.0, (255, 255, 0))
+    ),
+    "gray": ((0.0, (0, 0, 0)), (1.0, (255, 255, 255))),
+    "hot": ((0.0, (0, 0, 0)), (1 / 3, (255, 0, 0)), (2 / 3, (255, 255, 0)), (1.0, (255, 255, 255))),
+}
 
 
-def relevance_to_rgb(relevance: np.ndarray) -> np.ndarray:
-    """`(H, W)` relevance -> `(H, W, 3)` uint8, on a symmetric scale `[-max|R|, max|R|]`."""
-    relevance = np.asarray(relevance, dtype=np.float64)
-    scale = np.abs(relevance).max()
-    v = relevance / scale if scale > 0 else np.zeros_like(relevance)
-    pos, neg = np.clip(v, 0, 1), np.clip(-v, 0, 1)
-    rgb = np.stack([1 - neg, 1 - pos - neg, 1 - pos], axis=-1)
+def heatmap(
+    relevance,
+    cmap: str = "bwr",
+    symmetric: bool = True,
+    level: float = 1.0,
+    reduce: str | None = None,
+) -> np.ndarray:
+    """Relevance maps `(..., H, W)` to uint8 RGB `(..., H, W, 3)`, each `(H, W)` map on its own scale.
+
+    * `symmetric=True`: zero is the colour map's centre (white for `bwr`), `+level·max|R|` its
+      top (red) and `−level·max|R|` its bottom (blue); beyond that, colours saturate, so
+      `level < 1` brings out faint relevance.
+    * `symmetric=False`: the map's minimum is the bottom and `min + level·(max − min)` the top.
+    * `reduce="sum"` (or `"absmax"`, the value of largest magnitude) first reduces a trailing
+      channel axis: `(..., H, W, C)`.
+
+    Colour maps: `COLORMAPS` (`bwr`, `seismic`, `coldnhot`, `gray`, `hot`). A map that is zero
+    everywhere gets the centre colour (symmetric) or the bottom colour.
+    """
+    r = np.asarray(relevance, dtype=np.float64)
+    if reduce == "sum":
+        r = r.sum(axis=-1)
+    elif reduce == "absmax":
+        r = np.take_along_axis(r, np.abs(r).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    elif reduce is not None:
+        raise ValueError(f"jaxlrp.viz.heatmap: reduce must be None, 'sum' or 'absmax', got {reduce!r}.")
+    if r.ndim < 2:
+        raise ValueError(f"jaxlrp.viz.heatmap: expected maps of shape (..., H, W), got {r.shape}.")
+    if not level > 0:
+        raise ValueError(f"jaxlrp.viz.heatmap: level must be positive, got {level}.")
+    if symmetric:
+        scale = level * np.abs(r).max(axis=(-2, -1), keepdims=True)
+        v = 0.5 + 0.5 * np.clip(np.divide(r, scale, out=np.zeros_like(r), where=scale > 0), -1, 1)
+    else:
+        low = r.min(axis=(-2, -1), keepdims=True)
+        span = level * (r.max(axis=(-2, -1), keepdims=True) - low)
+        v = np.clip(np.divide(r - low, span, out=np.zeros_like(r), where=span > 0), 0, 1)
+    return _colour(v, cmap)
+
+
+def image(x, invert: bool = False) -> np.ndarray:
+    """An input image `(H, W)`, `(H, W, 1)` or `(H, W, 3)` to uint8 RGB, scaled to its own range;
+    `invert` for dark strokes on white (digits)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    low, high = x.min(), x.max()
+    v = (x - low) / (high - low) if high > low else np.zeros_like(x)
+    v = 1 - v if invert else v
+    rgb = v if x.ndim == 3 else np.repeat(v[..., None], 3, axis=-1)
     return np.round(255 * rgb).astype(np.uint8)
 
 
-def gray_to_rgb(image: np.ndarray) -> np.ndarray:
-    """`(H, W)` image -> `(H, W, 3)` uint8, dark strokes on white, scaled to its own range."""
-    image = np.asarray(image, dtype=np.float64)
-    low, high = image.min(), image.max()
-    v = (image - low) / (high - low) if high > low else np.zeros_like(image)
-    return np.round(255 * np.repeat((1 - v)[..., None], 3, axis=-1)).astype(np.uint8)
+def overlay(x, relevance, cmap: str = "bwr", alpha: float = 0.8, level: float = 1.0, reduce: str | None = None) -> np.ndarray:
+    """The heatmap of `relevance` `(H, W)` over a grey version of the image `x`: each pixel's
+    heat colour is blended in with weight `alpha · |R| / (level · max|R|)`, so the image shows
+    where relevance is zero."""
+    r = np.asarray(relevance, dtype=np.float64)
+    if reduce == "sum":
+        r = r.sum(axis=-1)
+    heat = heatmap(r, cmap, True, level).astype(np.float64)
+    grey = image(x).astype(np.float64).mean(axis=-1, keepdims=True)
+    scale = level * np.abs(r).max()
+    weight = alpha * (np.clip(np.abs(r) / scale, 0, 1) if scale > 0 else np.zeros_like(r))[..., None]
+    return np.round((1 - weight) * grey + weight * heat).astype(np.uint8)
 
 
-def save_grid(path, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], cell: int = 64) -> None:
-    """Writes a PNG: one row per sample, one column per title; each cell an `(H, W, 3)` image."""
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("Writing PNG heatmaps needs Pillow: pip install 'jaxlrp[demo]'") from error
-    pad, header = 4, 16
-    width = len(titles) * (cell + pad) + pad
-    height = header + len(rows) * (cell + pad) + pad
+def grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    cell: int = 64,
+    pad: int = 4,
+) -> np.ndarray:
+    """Tiles images (uint8 `(H, W, 3)` or `(H, W)`) into one uint8 RGB picture: one row per
+    entry of `rows`, each image scaled to `cell` pixels (nearest neighbour), with labels above
+    the columns and left of the rows."""
+    Image, ImageDraw = _pillow()
+    n_cols = max(len(row) for row in rows)
+    top = 16 if column_labels else 0
+    left = 8 + 6 * max(len(label) for label in row_labels) if row_labels else 0
+    width = left + n_cols * (cell + pad) + pad
+    height = top + len(rows) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(titles):
-        draw.text((pad + c * (cell + pad), 2), title[: cell // 6], fill="black")
+    for c, label in enumerate(column_labels or ()):
+        draw.text((left + pad + c * (cell + pad), 2), label[: max(1, (cell + pad) // 6)], fill="black")
     for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (pad + c * (cell + pad), header + pad + r * (cell + pad)))
-    canvas.save(path)
+        y = top + pad + r * (cell + pad)
+        if row_labels:
+            draw.text((2, y + cell // 2 - 5), row_labels[r], fill="black")
+        for c, picture in enumerate(row):
+            picture = np.asarray(picture)
+            if picture.ndim == 2:
+                picture = np.repeat(picture[..., None], 3, axis=-1)
+            tile = Image.fromarray(picture.astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (left + pad + c * (cell + pad), y))
+    return np.asarray(canvas)
+
+
+def curves(
+    lines: Mapping[str, np.ndarray],
+    title: str = "",
+    xlabel: str = "regions replaced",
+    ylabel: str = "target output",
+    size: tuple[int, int] = (640, 400),
+) -> np.ndarray:
+    """A line plot as uint8 RGB, drawn with Pillow: one line per entry `name -> values` (e.g. the
+    mean MoRF and LeRF curves of each method, its ABPC in the name), x from 0 to the number of
+    steps, with axes, ticks and a legend."""
+    Image, ImageDraw = _pillow()
+    width, height = size
+    names = list(lines)
+    values = [np.asarray(lines[n], dtype=np.float64).reshape(-1) for n in names]
+    legend_width = 12 + 6 * max(len(n) for n in names) + 24
+    x0, y0, x1, y1 = 56, 28, width - legend_width - 12, height - 40
+    low = min(v.min() for v in values)
+    high = max(v.max() for v in values)
+    low, high = (low - 0.5, high + 0.5) if high == low else (low, high)
+    steps = max(len(v) for v in values) - 1
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def at(k, value):
+        return x0 + (x1 - x0) * k / max(steps, 1), y1 - (y1 - y0) * (value - low) / (high - low)
+
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    for i in range(5):
+        value = low + (high - low) * i / 4
+        _, y = at(0, value)
+        draw.line((x0 - 4, y, x0, y), fill="black")
+        draw.text((4, y - 5), f"{value:.3g}", fill="black")
+        k = round(steps * i / 4)
+        x, _ = at(k, low)
+        draw.line((x, y1, x, y1 + 4), fill="black")
+        draw.text((x - 6, y1 + 6), str(k), fill="black")
+    draw.text(((x0 + x1) // 2 - 3 * len(xlabel), height - 16), xlabel, fill="black")
+    draw.text((x0, 4), f"{title}   ({ylabel})" if title else ylabel, fill="black")
+    for i, (name, v) in enumerate(zip(names, values)):
+        colour = _LINE_COLOURS[i % len(_LINE_COLOURS)]
+        dashed = i >= len(_LINE_COLOURS)
+        points = [at(k, value) for k, value in enumerate(v)]
+        for j, segment in enumerate(zip(points[:-1], points[1:])):
+            if not (dashed and j % 2):
+                draw.line(segment, fill=colour, width=2)
+        ly = y0 + 6 + 14 * i
+        draw.line((x1 + 16, ly + 5, x1 + 34, ly + 5), fill=colour, width=2)
+        draw.text((x1 + 38, ly), name, fill="black")
+    return np.asarray(canvas)
+
+
+def save_png(path, picture: np.ndarray) -> None:
+    """Writes a uint8 `(H, W, 3)` (or `(H, W)`) array as a PNG file."""
+    Image, _ = _pillow()
+    Image.fromarray(np.asarray(picture, dtype=np.uint8)).save(path, format="PNG")
 
 
 def text_heatmap(tokens: Sequence[str], relevance) -> str:
@@ -65,7 +207,7 @@ def text_heatmap(tokens: Sequence[str], relevance) -> str:
     relevance = np.asarray(relevance, dtype=np.float64).reshape(-1)
     if len(tokens) != relevance.size:
         raise ValueError(f"text_heatmap: {len(tokens)} tokens but {relevance.size} relevance values.")
-    colours = relevance_to_rgb(relevance[None])[0]
+    colours = heatmap(relevance[None])[0]
     spans = "".join(
         f'<span title="{value:.4g}" style="background:rgb({r},{g},{b})">{html.escape(token)}</span>'
         for token, value, (r, g, b) in zip(tokens, relevance, colours.tolist())
@@ -75,3 +217,25 @@ def text_heatmap(tokens: Sequence[str], relevance) -> str:
         "<style>body{font-family:monospace;line-height:1.8}span{padding:1px 2px;margin:0 1px;"
         "white-space:pre}</style></head>\n<body>" + spans + "</body></html>\n"
     )
+
+
+_LINE_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _colour(v: np.ndarray, cmap: str) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB through the colour map's anchors."""
+    if cmap not in COLORMAPS:
+        raise ValueError(f"jaxlrp.viz: unknown colour map {cmap!r}; the colour maps are {sorted(COLORMAPS)}.")
+    positions = np.array([p for p, _ in COLORMAPS[cmap]])
+    colours = np.array([c for _, c in COLORMAPS[cmap]], dtype=np.float64)
+    rgb = np.stack([np.interp(v, positions, colours[:, i]) for i in range(3)], axis=-1)
+    return np.round(rgb).astype(np.uint8)
+
+
+def _pillow():
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("jaxlrp.viz needs Pillow to draw and write pictures: pip install 'jaxlrp[demo]'") from error
+    return Image, ImageDraw
