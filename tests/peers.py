@@ -39,3 +39,9 @@ def zennit():
         stand_in.models = models
         sys.modules.update({"torchvision": stand_in, "torchvision.models": models, "torchvision.models.resnet": resnet})
     return require("zennit")
+
+
+def quantus():
+    """Quantus 0.6.0 (installed with --no-deps beside zennit; it imports zennit when present)."""
+    zennit()
+    return require("quantus")

@@ -15,7 +15,7 @@ BASELINES = ("gradient_x_input", "gradient", "smoothgrad", "integrated_gradients
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    main(["demo", "--out", str(out), "--epochs", "6", "--samples", "3", "--evaluate", "200"])
+    main(["demo", "--out", str(out), "--epochs", "4", "--samples", "3", "--evaluate", "200"])
     return out, json.loads((out / "summary.json").read_text())
 
 

@@ -129,11 +129,15 @@ def _written(output: str, suffix: str) -> pathlib.Path:
 def test_vit_digits(runs):
     out = _output(runs, "vit_digits")
     assert _number(out, "test accuracy") > 0.5  # ten classes: chance is 0.1
-    assert "Gamma(gamma=0.25" in _row(out, "patch")  # the positional embedding is merged: no warning
+    sweep = next(line for line in out.splitlines() if line.startswith("AttnLRP ABPC by γ:"))
+    gamma = float(sweep.split("-> γ = ")[1])
+    scores = {float(g): float(v) for g, v in (pair.split(": ") for pair in sweep.split(": ", 1)[1].split("  ->")[0].split("  "))}
+    assert list(scores) == [0.0, 0.1, 0.25, 0.5, 1.0] and scores[gamma] == max(scores.values()), sweep
+    assert f"Gamma(gamma={gamma}" in _row(out, "patch")  # the positional embedding is merged: no warning
     assert "Bilinear(" in _row(out, "Block_0/MultiHeadDotProductAttention_0")
     assert "Softmax()" in out
     assert "norm" in _row(out, "Block_0/LayerNorm_0")
-    assert "Gamma(gamma=0.25" in _row(out, "head")
+    assert f"Gamma(gamma={gamma}" in _row(out, "head")
     assert "AttnLRP relevance finite = True" in out and "CPLRP relevance finite = True" in out
     ratios = _ratios(out)
     assert len(ratios) == 8 and all(math.isfinite(r) for r in ratios), out  # 4 digits, 2 composites
