@@ -183,7 +183,8 @@ def randomization_test(
         the order there).
       randomize: `randomize(key, path, array) -> array`, `path` the array's full key path
         (`"params/conv0/kernel"`). Default: a random permutation of the array's entries, which
-        keeps its values (scales stay positive) and destroys what was learned.
+        keeps its values (scales stay positive) and destroys what was learned. Arrays that are
+        not floating point (an NNX RNG key or count) are kept.
       absolute: compare `|R|` instead of `R` (Adebayo et al. report both).
       relevance: the original maps, if already computed (else `explain(variables, x, target)`).
 
@@ -209,6 +210,7 @@ def randomization_test(
 def _randomization(explain, variables, x, target, key, n_layers, step_of, paths, randomize, absolute, relevance):
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(key, len(leaves))
+    step_of = [s if jnp.issubdtype(leaf.dtype, jnp.floating) else -1 for leaf, s in zip(leaves, step_of)]
     random = [randomize(k, p, leaf) if s >= 0 else leaf for k, p, leaf, s in zip(keys, paths, leaves, step_of)]
     original = explain(variables, x, target) if relevance is None else relevance
     transform = jnp.abs if absolute else (lambda r: r)
@@ -269,7 +271,7 @@ def sweep(
     apply = apply_function(model, {})
     if target is None:
         target = jnp.argmax(apply(variables, x), axis=-1)
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
     @jax.jit
     def scores(points, variables, x, target):

@@ -126,6 +126,8 @@ def test_half_precision_cnns_against_float32_on_the_same_weights():
         variables_low = jax.tree.map(lambda a: a.astype(low), variables)
         bound = _relative_l2(grad_x_input(model_low, variables_low, x.astype(low)), reference_gxi)
         for name, composite in composites_.items():
+            if low == jnp.float16 and name != "EpsilonPlusFlat":
+                continue  # measured (see above), not run: the suite's time
             relevance = jaxlrp.lrp(model_low, composite)(variables_low, x.astype(low), target)
             assert relevance.dtype == low and bool(jnp.all(jnp.isfinite(relevance)))
             distance = _relative_l2(relevance, reference[name])

@@ -52,8 +52,8 @@ def test_region_perturbation_equals_quantus(order):
         disable_warnings=True, display_progressbar=False,
     )
     theirs = metric(
-        model=_jax_as_torch(forward), x_batch=np.asarray(x).transpose(0, 3, 1, 2), y_batch=np.asarray(target),
-        a_batch=np.asarray(relevance).transpose(0, 3, 1, 2), device="cpu", channel_first=True, softmax=False,
+        model=_jax_as_torch(forward), x_batch=np.array(x).transpose(0, 3, 1, 2).copy(), y_batch=np.array(target),
+        a_batch=np.array(relevance).transpose(0, 3, 1, 2).copy(), device="cpu", channel_first=True, softmax=False,
     )
     # Quantus records the drop after each region: curve[:, 0] - curve[:, k], k = 1..16.
     np.testing.assert_allclose(np.asarray(theirs), ours[:, :1] - ours[:, 1:], rtol=1e-10, atol=1e-12)
