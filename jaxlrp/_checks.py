@@ -1,5 +1,6 @@
-"""Value checks of an explained input and of an integer target, made on concrete values only
-(inside `jit` they would see tracers), shared by `jaxlrp.lrp` and the baselines."""
+"""Checks of an explained input and of a target, and what a target means for the output,
+shared by `jaxlrp.lrp` and the baselines. Value checks run on concrete values only (inside
+`jit` they would see tracers)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def check_classes(target, classes: int) -> None:
     t = np.asarray(target)
     if np.any(t < 0) or np.any(t >= classes):
         raise ValueError(f"jaxlrp: target class out of range [0, {classes}): {t}.")
+
+
+def output_weights(out: jax.Array, target) -> jax.Array:
+    """What `target` selects of `out`, as weights shaped like it: the one-hot of each sample's
+    class (`None`: its arg-max; an int or int array of shape `out.shape[:-1]`), or a float target
+    of the output's shape itself."""
+    if target is None:
+        return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=out.dtype)
+    target = jnp.asarray(target)
+    if jnp.issubdtype(target.dtype, jnp.floating):
+        if target.shape != out.shape:
+            raise ValueError(
+                f"jaxlrp: a float target weighs the outputs (for LRP, it is the initial relevance) and "
+                f"must have the output's shape {out.shape}, got {target.shape}."
+            )
+        return target.astype(out.dtype)
+    if not jnp.issubdtype(target.dtype, jnp.integer) or target.shape not in ((), out.shape[:-1]):
+        error = ValueError if jnp.issubdtype(target.dtype, jnp.integer) else TypeError
+        raise error(
+            f"jaxlrp: target must be None, a class index per sample (an int array of shape () or "
+            f"{out.shape[:-1]}) or a float array of the output's shape {out.shape}; got "
+            f"{target.dtype}{list(target.shape)}."
+        )
+    if is_concrete(target):
+        check_classes(target, out.shape[-1])
+    return jnp.broadcast_to(jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype), out.shape)

@@ -283,27 +283,11 @@ def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
 
 
 def _seed(out: jax.Array, target) -> jax.Array:
-    """The initial relevance at the output."""
-    if target is None:
-        return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=out.dtype) * out
-    target = jnp.asarray(target)
-    if jnp.issubdtype(target.dtype, jnp.floating):
-        if target.shape != out.shape:
-            raise ValueError(
-                f"jaxlrp: a float target is the initial relevance and must have the output's shape "
-                f"{out.shape}, got {target.shape}."
-            )
-        return target.astype(out.dtype)
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise TypeError(f"jaxlrp: target must be None, an int (array) or a float array, got dtype {target.dtype}.")
-    if target.shape not in ((), out.shape[:-1]):
-        raise ValueError(
-            f"jaxlrp: an integer target is a class index per sample, shape () or {out.shape[:-1]}, "
-            f"got {target.shape}."
-        )
-    if _checks.is_concrete(target):
-        _checks.check_classes(target, out.shape[-1])
-    return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype) * out
+    """The initial relevance at the output: the target class's output (a float target: itself)."""
+    weights = _checks.output_weights(out, target)
+    if target is not None and jnp.issubdtype(jnp.result_type(target), jnp.floating):
+        return weights
+    return weights * out
 
 
 def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=()):

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlrp._checks import output_weights
 from jaxlrp._model import in_call_form
 
 __all__ = ["gradient", "gradient_x_input", "integrated_gradients", "occlusion", "smoothgrad"]
@@ -45,7 +46,7 @@ def gradient(model, **apply_kwargs) -> Callable[..., jax.Array]:
     def method(apply, variables, x, target=None, **call_kwargs):
         forward = _forward(apply, variables, call_kwargs)
         out = forward(x)
-        return out, _gradient(forward, x, _weights(out, target))
+        return out, _gradient(forward, x, output_weights(out, target))
 
     return in_call_form(model, apply_kwargs, method)
 
@@ -57,7 +58,7 @@ def gradient_x_input(model, **apply_kwargs) -> Callable[..., jax.Array]:
     def method(apply, variables, x, target=None, **call_kwargs):
         forward = _forward(apply, variables, call_kwargs)
         out = forward(x)
-        return out, x * _gradient(forward, x, _weights(out, target))
+        return out, x * _gradient(forward, x, output_weights(out, target))
 
     return in_call_form(model, apply_kwargs, method)
 
@@ -78,7 +79,7 @@ def smoothgrad(model, noise_level: float = 0.1, n: int = 20, **apply_kwargs) -> 
     def method(apply, variables, x, target=None, *, key, **call_kwargs):
         forward = _forward(apply, variables, call_kwargs)
         out = forward(x)
-        weights = _weights(out, target)
+        weights = output_weights(out, target)
         axes = tuple(range(1, x.ndim))
         sigma = noise_level * (jnp.max(x, axes, keepdims=True) - jnp.min(x, axes, keepdims=True))
         noise = jax.random.normal(key, (n, *x.shape), x.dtype) * sigma
@@ -102,7 +103,7 @@ def integrated_gradients(model, baseline=0.0, n: int = 20, **apply_kwargs) -> Ca
     def method(apply, variables, x, target=None, **call_kwargs):
         forward = _forward(apply, variables, call_kwargs)
         out = forward(x)
-        weights = _weights(out, target)
+        weights = output_weights(out, target)
         start = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
         alphas = jnp.arange(1, n + 1, dtype=x.dtype) / n
         grads = jax.vmap(lambda a: _gradient(forward, start + a * (x - start), weights))(alphas)
@@ -136,7 +137,7 @@ def occlusion(
     def method(apply, variables, x, target=None, **call_kwargs):
         forward = _forward(apply, variables, call_kwargs)
         out = forward(x)
-        weights = _weights(out, target)
+        weights = output_weights(out, target)
         covers = _window_covers(x.shape, window, stride)  # per axis: (windows, size)
         grid = tuple(c.shape[0] for c in covers)
 
@@ -174,26 +175,6 @@ def _gradient(forward, x, weights) -> jax.Array:
         )
     _, pullback = jax.vjp(forward, x)
     return pullback(weights)[0]
-
-
-def _weights(out: jax.Array, target) -> jax.Array:
-    """The output weights `t` of the explained score `S = Σ t ⊙ f(x)`."""
-    if target is None:
-        return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=out.dtype)
-    target = jnp.asarray(target)
-    if jnp.issubdtype(target.dtype, jnp.floating):
-        if target.shape != out.shape:
-            raise ValueError(
-                f"jaxlrp.attribution: a float target weighs the outputs and must have the output's "
-                f"shape {out.shape}, got {target.shape}."
-            )
-        return target.astype(out.dtype)
-    if not jnp.issubdtype(target.dtype, jnp.integer) or target.shape not in ((), out.shape[:-1]):
-        raise ValueError(
-            f"jaxlrp.attribution: target must be None, a class index per sample (shape () or "
-            f"{out.shape[:-1]}) or float weights of shape {out.shape}; got {target.dtype}{list(target.shape)}."
-        )
-    return jnp.broadcast_to(jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype), out.shape)
 
 
 def _window_covers(shape, window, stride) -> list[jax.Array]:

@@ -78,8 +78,10 @@ def region_perturbation(
       steps: how many regions to replace (default: all).
       baseline: a value, an array broadcastable to `x`, `"mean"` (each sample's mean) or
         `"uniform"` (noise uniform in each sample's [min, max], drawn once from `key`).
-      chunk: how many perturbed copies of the batch go through `fn` at once (`jax.lax.map`'s
-        `batch_size`); `None`: all `steps + 1` in one batched call.
+      chunk: how many perturbed copies of the batch go through `fn` in one call (a
+        `jax.lax.map` over chunks of steps); `None`: all `steps` copies as one batch of
+        `steps · batch` inputs. `fn` must treat the samples of a batch independently (a model in
+        eval mode does).
 
     Returns:
       `curve` of shape `(batch, steps + 1)`: `curve[:, k]` is the target output after `k`
@@ -111,12 +113,28 @@ def region_perturbation(
     if target is None and clean.ndim > 1:
         target = jnp.argmax(clean, axis=-1)
 
-    def output(k):
-        removed = _expand(rank < k, x.shape, patch)
-        return _pick(fn(jnp.where(removed, fill, x)), target)
+    batch = x.shape[0]
+    targets = None if target is None else jnp.broadcast_to(jnp.asarray(target), (batch,))
+
+    def outputs(ks):  # (n,) steps -> (n, batch): the n perturbed copies of the batch as one batch
+        n = ks.shape[0]
+        shape = (n * batch, *x.shape[1:])
+
+        def copies(a):
+            return jnp.broadcast_to(a, (n, *x.shape)).reshape(shape)
+
+        removed = _expand((rank[None] < ks[:, None, None]).reshape(n * batch, -1), shape, patch)
+        out = fn(jnp.where(removed, copies(fill), copies(x)))
+        return _pick(out, None if targets is None else jnp.tile(targets, n)).reshape(n, batch)
 
     ks = jnp.arange(1, steps + 1)
-    rest = jax.vmap(output)(ks) if chunk is None else jax.lax.map(output, ks, batch_size=chunk)
+    if steps == 0:
+        rest = jnp.zeros((0, batch), clean.dtype)
+    elif chunk is None or chunk >= steps:
+        rest = outputs(ks)
+    else:  # lax.map over chunks of steps; the last chunk is padded by repeating the last step
+        padded = jnp.concatenate([ks, jnp.full((-steps) % chunk, steps)]).reshape(-1, chunk)
+        rest = jax.lax.map(outputs, padded).reshape(-1, batch)[:steps]
     return jnp.concatenate([_pick(clean, target)[:, None], rest.T], axis=1)
 
 
@@ -240,14 +258,19 @@ def sweep(
     variables,
     x: jax.Array,
     target=None,
+    points_per_call: int | None = 1,
     **region_perturbation_args,
 ) -> Sweep:
     """Chooses rule hyperparameters by faithfulness: for each point of the grid (the product of
     the value lists in `grid`), builds `make_composite(**point)`, explains `x` with
     `jaxlrp.lrp`, and scores the maps by their mean ABPC (MoRF and LeRF region perturbation with
     `region_perturbation_args`: `patch=`, `steps=`, `baseline=`, `key=`, `chunk=`). All points
-    are explained and scored in one `vmap`-ed, jit-compiled call: the hyperparameters are traced
-    leaves of the composite, so the grid costs one compilation.
+    are explained and scored in one jit-compiled call: the hyperparameters are traced leaves of
+    the composite, so the grid costs one compilation, and no Python loop runs over it.
+    `points_per_call` points are `vmap`-ed together inside that call (`jax.lax.map`'s
+    `batch_size`; `None`: the whole grid in one `vmap`). The default, 1, runs the points one
+    after another: on the CPU it was the fastest (8 points of the digits CNN: 396 ms against
+    851 ms for one `vmap` and 630 ms for 8 jitted calls) and it holds one point in memory.
 
     `model`, `variables`: as for `jaxlrp.lrp` (Linen module and variables, NNX GraphDef and
     state, function and params; for an NNX module pass `variables=None`).
@@ -285,7 +308,9 @@ def sweep(
             ]
             return abpc(*curves).mean()
 
-        return jax.vmap(score)(points)
+        if points_per_call is None:
+            return jax.vmap(score)(points)
+        return jax.lax.map(score, points, batch_size=points_per_call if points_per_call > 1 else None)
 
     result = scores(jnp.asarray(points, dtype), variables, x, target)
     shaped = result.reshape([len(v) for v in values])

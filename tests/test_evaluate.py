@@ -95,9 +95,15 @@ def test_jit_chunks_and_outputs_without_classes():
     eager = evaluate.region_perturbation(fn, x, relevance, target, **kwargs)
     jitted = jax.jit(lambda x, r, t: evaluate.region_perturbation(fn, x, r, t, **kwargs))(x, relevance, target)
     np.testing.assert_allclose(jitted, eager, rtol=1e-12)
-    np.testing.assert_allclose(evaluate.region_perturbation(fn, x, relevance, target, chunk=3, **kwargs), eager, rtol=1e-12)
-    score = lambda z: fn(z)[jnp.arange(3), target]  # noqa: E731 - a (batch,) score
-    np.testing.assert_allclose(evaluate.region_perturbation(score, x, relevance, **kwargs), eager, rtol=1e-12)
+    for chunk in (3, 4, 100):  # chunks of steps, the last one padded
+        np.testing.assert_allclose(evaluate.region_perturbation(fn, x, relevance, target, chunk=chunk, **kwargs), eager, rtol=1e-12)
+    assert evaluate.region_perturbation(fn, x, relevance, target, steps=0, **kwargs).shape == (3, 1)
+    score = lambda z: fn(z)[:, 1]  # noqa: E731 - a (batch,) score
+    np.testing.assert_allclose(
+        evaluate.region_perturbation(score, x, relevance, **kwargs),
+        evaluate.region_perturbation(fn, x, relevance, 1, **kwargs),
+        rtol=1e-12,
+    )
     predicted = jnp.argmax(fn(x), axis=-1)  # target=None: the predicted class
     np.testing.assert_allclose(
         evaluate.region_perturbation(fn, x, relevance, **kwargs),
@@ -194,6 +200,8 @@ def test_sweep_equals_a_python_loop_over_the_grid(mlp):
     args = dict(patch=(2,), steps=3)
     result = evaluate.sweep(make, grid, model, variables, x, target, **args)
     assert result.scores.shape == (2, 2)
+    vmapped = evaluate.sweep(make, grid, model, variables, x, target, points_per_call=None, **args)
+    np.testing.assert_allclose(vmapped.scores, result.scores, rtol=1e-10)
     forward = functools.partial(model.apply, variables)
     for i, gamma in enumerate(grid["gamma"]):
         for j, epsilon in enumerate(grid["epsilon"]):
