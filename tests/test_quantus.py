@@ -30,7 +30,7 @@ def _jax_as_torch(fn):
     class Wrapped(torch.nn.Module):
         def forward(self, x):
             nhwc = np.asarray(x.detach().numpy(), np.float64).transpose(0, 2, 3, 1)
-            return torch.from_numpy(np.asarray(fn(jnp.asarray(nhwc))))
+            return torch.from_numpy(np.array(fn(jnp.asarray(nhwc))))
 
     return Wrapped().eval()
 
