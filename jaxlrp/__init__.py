@@ -6,11 +6,14 @@
     explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
     relevance = explain(variables, x, target=None)      # shaped like x
 
-See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them.
+See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them,
+`jaxlrp.attribution` for baselines, `jaxlrp.evaluate` for faithfulness, `jaxlrp.concepts` for
+concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for pictures.
 """
 
-from jaxlrp import composites, rules, viz
+from jaxlrp import attribution, composites, concepts, evaluate, rules, viz
 from jaxlrp._dataset import explain_dataset
+from jaxlrp._hooks import Explanation
 from jaxlrp._plan import UnsupportedOperation
 from jaxlrp._table import LayerInfo, RuleTable
 from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
@@ -18,11 +21,15 @@ from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp
 __version__ = "0.1.0"
 
 __all__ = [
+    "Explanation",
     "LayerInfo",
     "RuleTable",
     "UnmergedAffineWarning",
     "UnsupportedOperation",
+    "attribution",
     "composites",
+    "concepts",
+    "evaluate",
     "explain_dataset",
     "lrp",
     "lrp_fn",

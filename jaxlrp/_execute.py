@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlrp._hooks import condition
 from jaxlrp._layer import Layer
 from jaxlrp._plan import (
     STRUCTURAL,
@@ -92,11 +93,18 @@ def _evaluate(nodes: Sequence[Node], env: dict) -> None:
         env.update(zip(node.outputs, node.bind(*(_read(env, a) for a in node.inputs))))
 
 
-def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None) -> list:
-    """Evaluates the plan's program on `args`; `rules` maps each LinearStep to its rule."""
+def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None, hooks: dict | None = None) -> list:
+    """Evaluates the plan's program on `args`; `rules` maps each LinearStep to its rule.
+
+    `hooks` maps values to `(mask, tap, store)`: as soon as such a value is computed, it is
+    appended to the list `store`, its relevance is conditioned by `mask` (if not None), and
+    `tap` (zeros, whose cotangent is the relevance arriving there; or None) is added to it."""
     program = plan.program
     env: dict = dict(zip(program.inputs, args))
+    pending = dict(hooks or {})
     for node in program.nodes:
+        if pending:
+            _apply_hooks(pending, env)
         step = plan.steps.get(node)
         if step is None:
             if node not in plan.skipped:
@@ -114,7 +122,17 @@ def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None) -
             env[node.outputs[0]] = out if taps is None else out + taps[step.index]
         elif isinstance(step, ScanStep):
             env.update(zip(node.outputs, _run_scan(step, rules, env)))
+    if pending:
+        _apply_hooks(pending, env)
     return [_read(env, a) for a in program.outputs]
+
+
+def _apply_hooks(pending: dict, env: dict) -> None:
+    for value in [v for v in pending if v in env]:
+        mask, tap, store = pending.pop(value)
+        store.append(env[value])
+        hooked = env[value] if mask is None else condition(env[value], mask)
+        env[value] = hooked if tap is None else hooked + tap
 
 
 def _run_linear(step: LinearStep, rule, env: dict) -> jax.Array:

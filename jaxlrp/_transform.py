@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import flax.nnx as nnx
@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _checks, _eager, _function, _linen, _nnx, rules as _rules
+from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, rules as _rules
 from jaxlrp._execute import run
+from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
 from jaxlrp._table import AFFINE_KIND, FIXED, TRANSFORMER, RuleTable
@@ -23,7 +24,7 @@ from jaxlrp.composites import Composite
 __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
 
 
-def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]:
+def lrp(model, composite: Composite, record: Sequence[str] = (), **apply_kwargs) -> Callable[..., jax.Array]:
     """Turns a Flax model into a function that returns a relevance map shaped like its input.
 
     * Linen module: `explain(variables, x, target=None)`.
@@ -41,7 +42,20 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
 
     * `None`: each sample's arg-max output, seeded with that output's value;
     * an int, or an int array of shape `output.shape[:-1]`: that class, seeded with its value;
+    * an int array of shape `output.shape[:-1] + (K,)`: K classes per sample at once, from one
+      forward pass (the backward pass vmapped over the seeds); relevance gets a leading axis K;
     * a float array of the output's shape: the initial relevance itself.
+
+    Concepts (Achtibat et al. 2023, Concept Relevance Propagation):
+
+    * `record=("features/conv3", "block*")`, module paths or fnmatch patterns over them, makes
+      `explain` return an `Explanation(input, layers, activations)`: the relevance arriving at
+      each recorded module's output and that output, `{path: array}`, shaped like it. A path
+      that matches no module is an error listing the paths.
+    * `explain(..., conditions={path: mask})` multiplies the relevance arriving at that module's
+      output by `mask` (`(C,)` over its features, `(B, C)` per sample, or the output's shape)
+      before it flows on; masks are traced, so `jax.vmap` over one-hot masks gives every
+      concept's conditional map in one call.
 
     `explain` is a pure function: it composes with `jax.jit`, `jax.vmap`, `jax.grad` and
     sharding. Under `jax.jit`, the stateful NNX form bakes the weights in as constants: jit the
@@ -57,7 +71,7 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
         relevance = jax.jit(explain)(variables, x, target=3)
     """
-    with_output = output_and_lrp(model, composite, **apply_kwargs)
+    with_output = output_and_lrp(model, composite, record, **apply_kwargs)
 
     @functools.wraps(with_output)
     def explain(*args, **kwargs):
@@ -66,11 +80,14 @@ def lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., jax.Array]
     return explain
 
 
-def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def output_and_lrp(
+    model, composite: Composite, record: Sequence[str] = (), **apply_kwargs
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`)."""
     _check_composite(composite)
+    record = _check_record(record)
     if isinstance(model, nnx.Module):  # its current state, read at each call, is an argument
-        pure = output_and_lrp(nnx.graphdef(model), composite, **apply_kwargs)
+        pure = output_and_lrp(nnx.graphdef(model), composite, record, **apply_kwargs)
 
         def explain(x, target=None, **call_kwargs):
             return pure(nnx.state(model), x, target, **call_kwargs)
@@ -79,9 +96,9 @@ def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[...,
 
     bind = _binding(model, apply_kwargs)
 
-    def pure(params, x, target=None, **call_kwargs):
+    def pure(params, x, target=None, conditions=None, **call_kwargs):
         bound = functools.partial(bind, **call_kwargs)
-        return _output_and_relevance(bound, (params, x), composite, target, call_kwargs)
+        return _output_and_relevance(bound, (params, x), composite, target, call_kwargs, record, conditions)
 
     compiled = _compiled_when_eager(pure)
 
@@ -91,7 +108,7 @@ def output_and_lrp(model, composite: Composite, **apply_kwargs) -> Callable[...,
     return explain
 
 
-def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[..., jax.Array]:
+def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1, record: Sequence[str] = ()) -> Callable[..., jax.Array]:
     """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
 
     Returns `explain(*args, target=None)`: the relevance of `args[argnums]`. Each matmul or
@@ -111,17 +128,18 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1) -> Callable[...
         relevance = jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())(params, x)
     """
     _check_composite(composite)
+    record = _check_record(record)
 
-    def pure(*args, target=None):
+    def pure(*args, target=None, conditions=None):
         position = argnums % len(args)
         x, others = args[position], (*args[:position], *args[position + 1 :])
         bind = functools.partial(_function.trace, fn, position, others)
-        return _output_and_relevance(bind, (x,), composite, target, others)
+        return _output_and_relevance(bind, (x,), composite, target, others, record, conditions)
 
     compiled = _compiled_when_eager(pure)
 
-    def explain(*args, target=None):
-        return compiled(argnums % len(args), *args, target=target)[1]
+    def explain(*args, target=None, conditions=None):
+        return compiled(argnums % len(args), *args, target=target, conditions=conditions)[1]
 
     return explain
 
@@ -192,6 +210,13 @@ def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
             f"fn(params, x) (jaxlrp.lrp_fn for other signatures); got {type(model).__name__}."
         )
     return bind
+
+
+def _check_record(record) -> tuple[str, ...]:
+    record = (record,) if isinstance(record, str) else tuple(record)
+    if not all(isinstance(path, str) for path in record):
+        raise TypeError(f"jaxlrp: record= takes module paths or patterns (strings), got {record!r}.")
+    return record
 
 
 def _check_composite(composite) -> None:
@@ -290,28 +315,74 @@ def _seed(out: jax.Array, target) -> jax.Array:
     return weights * out
 
 
-def _output_and_relevance(bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=()):
+def _output_and_relevance(
+    bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=(), record=(), conditions=None
+):
     """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained
-    (`others`: what `bind` closes over)."""
+    (`others`: what `bind` closes over). With `record`, the relevance is an `Explanation`;
+    `conditions` (`{path: mask}`) condition the relevance at module outputs."""
     x = inputs[-1]
     _checks.check_input(x)
     # Inside jax.shard_map, the explained input varies along every manual axis that the
     # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
     # a target per device): so does the relevance, which then needs no sum over devices.
-    x = _varying_like(x, (inputs[:-1], others, composite, target))
+    x = _varying_like(x, (inputs[:-1], others, composite, target, conditions))
     traced = bind(*inputs[:-1], x)
     plan = _plan(traced, composite)
     resolved = _resolve(composite, plan)
     params = traced.params
-    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    recorded, masks = _hook_values(plan, traced.describe, record, conditions or {})
+    tokens = not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    if tokens:
+        token_taps = [t.node.outputs[0] for t in plan.taps()]
+        _check_token_taps(token_taps, x)
+        primal = [jnp.zeros(t.shape, t.dtype) for t in token_taps]
+    else:
+        primal = x
+    layer_taps = [jnp.zeros(v.shape, v.dtype) for v in recorded.values()]
 
-        def forward(x):
-            return run(plan, resolved, [*params, x])[0]
+    def forward(primal, layer_taps):
+        stores = {v: [] for v in {*recorded.values(), *masks}}
+        taps = dict(zip(recorded.values(), layer_taps))
+        hooks = {v: (masks.get(v), taps.get(v), stores[v]) for v in stores}
+        args = [*params, x if tokens else primal]
+        out = run(plan, resolved, args, primal if tokens else None, hooks)[0]
+        return out, [stores[v][0] for v in recorded.values()]
 
-        out, pullback = jax.vjp(forward, x)
-        (relevance,) = pullback(_seed(out, target))
+    out, pullback, activations = jax.vjp(forward, primal, layer_taps, has_aux=True)
+    if _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
+        if _checks.is_concrete(target):
+            _checks.check_classes(target, out.shape[-1])
+        weights = jax.nn.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], dtype=out.dtype)
+        relevance, at_layers = jax.vmap(pullback)(weights * out)
+    else:
+        relevance, at_layers = pullback(_seed(out, target))
+    if tokens:
+        relevance = sum(r.sum(axis=-1) for r in relevance)
+    if not record:
         return out, relevance
-    return _token_relevance(plan, resolved, params, x, target)
+    return out, Explanation(relevance, dict(zip(recorded, at_layers)), dict(zip(recorded, activations)))
+
+
+def _hook_values(plan: Plan, describe, record, conditions: dict) -> tuple[dict, dict]:
+    """`({path: value} to record, {value: mask} to condition by)`, checked against the model."""
+    if not record and not conditions:
+        return {}, {}
+    outputs = _hooks.module_outputs(plan, describe)
+    recorded = _hooks.resolve(tuple(record), outputs, "record=")
+    masks = {}
+    for pattern, mask in conditions.items():
+        for path, value in _hooks.resolve((pattern,), outputs, "conditions=").items():
+            masks[value] = _hooks.broadcast_mask(mask, tuple(value.shape), path).astype(value.dtype)
+    return recorded, masks
+
+
+def _many_targets(out: jax.Array, target) -> bool:
+    """An integer target of shape `output.shape[:-1] + (K,)`: K classes per sample at once."""
+    if target is None:
+        return False
+    target = jnp.asarray(target)
+    return bool(jnp.issubdtype(target.dtype, jnp.integer)) and target.ndim == out.ndim and target.ndim > 0
 
 
 def _varying_like(x, trees):
@@ -320,20 +391,11 @@ def _varying_like(x, trees):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _token_relevance(plan: Plan, resolved, params, x, target):
-    """Integer inputs: relevance at the embedding output(s), summed over the feature axis."""
-    taps = [t.node.outputs[0] for t in plan.taps()]
+def _check_token_taps(taps, x) -> None:
+    """Integer inputs: relevance is read at the embedding output(s), one per token."""
     if not taps or any(t.shape[:-1] != x.shape for t in taps):
         raise TypeError(
             "jaxlrp: an integer input carries no relevance itself; it is explained through an "
             f"embedding lookup of shape {x.shape} + (features,), and this model has "
             f"{'none' if not taps else [t.shape for t in taps]}. Pass a floating-point input."
         )
-
-    def forward(zeros):
-        return run(plan, resolved, [*params, x], zeros)[0]
-
-    zeros = [jnp.zeros(t.shape, t.dtype) for t in taps]
-    out, pullback = jax.vjp(forward, zeros)
-    (relevance,) = pullback(_seed(out, target))
-    return out, sum(r.sum(axis=-1) for r in relevance)

@@ -1,0 +1,199 @@
+"""Concepts: relevance recorded at hidden layers, conditional relevance, many targets at once,
+top concepts; each checked by splitting the model at the recorded layer (Linen, NNX, function)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlrp
+from jaxlrp import composites, concepts
+
+# No first-layer rule, so that the split models get the same rules as the whole.
+COMPOSITE = composites.EpsilonPlus(epsilon=0.1)
+TARGET = jnp.array([0, 1, 4])
+
+
+def _close(actual, desired):
+    """Float64 agreement, relative to the map's largest value (where a map is near zero, another
+    summation order, vmapped or jitted, moves it by rounding only)."""
+    desired = np.asarray(desired)
+    np.testing.assert_allclose(actual, desired, rtol=1e-12, atol=1e-12 * np.abs(desired).max())
+
+
+class Lower(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x)))
+        return nn.relu(nn.Conv(6, (3, 3))(x))
+
+
+class Upper(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.relu(nn.Dense(8, name="hidden")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(5, name="out")(hidden)
+
+
+class Full(nn.Module):
+    def setup(self):
+        self.lower, self.upper = Lower(), Upper()
+
+    def __call__(self, x):
+        return self.upper(self.lower(x))
+
+
+@pytest.fixture(scope="module")
+def linen():
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 2), jnp.float64)
+    # float64 weights: float32 ones, closed over in jit, let XLA fold the BatchNorm's float32
+    # rsqrt differently from an eager call, 1e-7 apart.
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), Full().init(jax.random.key(1), x))
+    stats = jax.tree.map(lambda a: a + 0.3, variables["batch_stats"])  # a BatchNorm that does something
+    variables = {"params": variables["params"], "batch_stats": stats}
+    lower = {"params": variables["params"]["lower"], "batch_stats": stats["lower"]}
+    upper = {"params": variables["params"]["upper"]}
+    return x, variables, lower, upper
+
+
+def _check_split(explanation, x, explain_upper, explain_lower, path="lower"):
+    """The upper part's input relevance is the recorded one; the lower part seeded with it
+    gives the input map."""
+    np.testing.assert_allclose(explain_upper(explanation.activations[path], TARGET), explanation.layers[path], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(explain_lower(x, explanation.layers[path]), explanation.input, rtol=1e-12, atol=1e-14)
+
+
+def test_recorded_relevance_is_what_arrives_there_linen(linen):
+    x, variables, lower, upper = linen
+    explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower", "upper/*"))
+    explanation = explain(variables, x, TARGET)
+    assert isinstance(explanation, jaxlrp.Explanation)
+    assert set(explanation.layers) == {"lower", "upper/hidden", "upper/out"}
+    assert explanation.layers["lower"].shape == explanation.activations["lower"].shape == (3, 6, 6, 6)
+    np.testing.assert_allclose(explanation.input, jaxlrp.lrp(Full(), COMPOSITE)(variables, x, TARGET), rtol=1e-13)
+    _check_split(
+        explanation, x,
+        lambda a, t: jaxlrp.lrp(Upper(), COMPOSITE)(upper, a, t),
+        lambda x, seed: jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, seed),
+    )
+    jitted = jax.jit(explain)(variables, x, TARGET)  # a pytree: through jit as it is
+    np.testing.assert_allclose(jitted.layers["lower"], explanation.layers["lower"], rtol=1e-13)
+
+
+def test_recorded_relevance_nnx_and_function(linen):
+    x, variables, lower, upper = linen
+    expected = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, TARGET)
+
+    def fn(v, x):  # the same model as a plain function, its parts in named scopes
+        with jax.named_scope("lower"):
+            h = Lower().apply({"params": v["params"]["lower"], "batch_stats": v["batch_stats"]["lower"]}, x)
+        with jax.named_scope("upper"):
+            return Upper().apply({"params": v["params"]["upper"]}, h)
+
+    got = jaxlrp.lrp_fn(fn, COMPOSITE, record=("lower",))(variables, x, target=TARGET)
+    for field in ("input", "layers", "activations"):
+        np.testing.assert_allclose(jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(expected, field)), rtol=1e-12)
+
+    class NNXFull(nnx.Module):
+        def __init__(self, rngs):
+            self.lower = nnx.Sequential(nnx.Conv(2, 6, (3, 3), rngs=rngs), nnx.relu)
+            self.upper = nnx.Linear(6 * 36, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.upper(self.lower(x).reshape(x.shape[0], -1))
+
+    model = NNXFull(nnx.Rngs(0))
+    model.lower.layers[0].kernel.set_value(model.lower.layers[0].kernel.get_value().astype(jnp.float64))
+    explanation = jaxlrp.lrp(model, COMPOSITE, record=("lower",))(x, TARGET)
+    graphdef, state = nnx.split(model.upper)
+
+    def upper(state, a):
+        return nnx.merge(graphdef, state)(a.reshape(a.shape[0], -1))
+
+    _check_split(
+        explanation, x,
+        lambda a, t: jaxlrp.lrp(upper, COMPOSITE)(state, a, t),
+        lambda x, seed: jaxlrp.lrp(model.lower, COMPOSITE)(x, seed),
+    )
+
+
+def test_conditions_equal_the_lower_part_seeded_with_the_masked_relevance(linen):
+    x, variables, lower, _ = linen
+    explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
+    explanation = explain(variables, x, TARGET)
+    masks = jnp.eye(6, dtype=jnp.float64)
+    conditional = jax.jit(jax.vmap(lambda m: explain(variables, x, TARGET, conditions={"lower": m}).input))(masks)
+    assert conditional.shape == (6, *x.shape)
+    # The backward pass is linear in the relevance: all channels' conditions add up to the map.
+    _close(conditional.sum(axis=0), explanation.input)
+    for channel in (0, 3):
+        seeded = jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, explanation.layers["lower"] * masks[channel])
+        _close(conditional[channel], seeded)
+        direct = explain(variables, x, TARGET, conditions={"lower": masks[channel]}).input  # the loop
+        _close(conditional[channel], direct)
+    per_sample = jnp.array([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]])
+    got = explain(variables, x, TARGET, conditions={"lower": per_sample}).input
+    _close(got, jnp.stack([conditional[i, i] for i in range(3)]))
+    # Two layers conditioned at once, the relevance recorded at the lower one before its condition.
+    both = explain(variables, x, TARGET, conditions={"lower": masks[2], "upper/hidden": jnp.ones(8)})
+    _close(both.input, conditional[2])
+    _close(both.layers["lower"], explanation.layers["lower"])
+
+
+def test_many_targets_equal_one_call_per_target(linen):
+    x, variables, _, _ = linen
+    targets = jnp.array([[0, 1], [2, 3], [4, 0]])
+    explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
+    many = explain(variables, x, targets)
+    assert many.input.shape == (2, *x.shape) and many.layers["lower"].shape == (2, 3, 6, 6, 6)
+    for k in range(2):
+        one = explain(variables, x, targets[:, k])
+        _close(many.input[k], one.input)
+        _close(many.layers["lower"][k], one.layers["lower"])
+    with pytest.raises(ValueError, match="out of range"):
+        explain(variables, x, jnp.array([[0, 5], [0, 0], [0, 0]]))
+
+
+def test_many_next_token_candidates():
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            h = nn.Embed(11, 6)(tokens)
+            return nn.Dense(11)(nn.relu(nn.Dense(6)(h.mean(axis=1))))
+
+    tokens = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    variables = Tiny().init(jax.random.key(0), tokens)
+    explain = jaxlrp.lrp(Tiny(), COMPOSITE)
+    candidates = jnp.array([[3, 7, 1], [0, 2, 9]])
+    many = explain(variables, tokens, candidates)
+    assert many.shape == (3, 2, 4)
+    for k in range(3):
+        np.testing.assert_allclose(many[k], explain(variables, tokens, candidates[:, k]), rtol=1e-5, atol=1e-7)
+
+
+def test_top_concepts(linen):
+    x, variables, _, _ = linen
+    explanation = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, TARGET)
+    channels, relevance = concepts.top_concepts(explanation, "lower", k=3)
+    per_channel = np.asarray(explanation.layers["lower"]).sum(axis=(1, 2))
+    assert channels.shape == relevance.shape == (3, 3)
+    for b in range(3):
+        order = sorted(range(6), key=lambda c: (-per_channel[b, c], c))[:3]
+        assert list(np.asarray(channels[b])) == order
+        np.testing.assert_allclose(relevance[b], per_channel[b, order], rtol=1e-12)
+    with pytest.raises(ValueError, match="was not recorded"):
+        concepts.top_concepts(explanation, "upper", 2)
+
+
+def test_errors_name_the_paths(linen):
+    x, variables, _, _ = linen
+    with pytest.raises(ValueError, match=r"record= 'lowr' matches no module output.*'lower/Conv_0'"):
+        jaxlrp.lrp(Full(), COMPOSITE, record=("lowr",))(variables, x)
+    with pytest.raises(ValueError, match=r"the condition at 'lower' has shape \(5,\).*\(6,\) over its features"):
+        jaxlrp.lrp(Full(), COMPOSITE)(variables, x, conditions={"lower": jnp.ones(5)})
+    with pytest.raises(ValueError, match="conditions= 'nowhere'"):
+        jaxlrp.lrp(Full(), COMPOSITE)(variables, x, conditions={"nowhere": jnp.ones(6)})
+    with pytest.raises(TypeError, match="record= takes module paths"):
+        jaxlrp.lrp(Full(), COMPOSITE, record=(3,))
