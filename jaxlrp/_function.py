@@ -17,8 +17,9 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 from jaxlrp._program import Traced
 
 
-def trace(fn, position: int, others: tuple, x) -> Traced:
-    """Traces `fn(*args)` with `x` at `args[position]` and `others` the remaining arguments."""
+def trace(fn, position: int | tuple[int, ...], others: tuple, x) -> Traced:
+    """Traces `fn(*args)` with `x` at `args[position]` and `others` the remaining arguments; for
+    a tuple of positions, `x` is the tuple of the arguments at those positions."""
     keyed, treedef = jax.tree_util.tree_flatten_with_path(others)
     is_array = [isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for _, leaf in keyed]
 
@@ -26,7 +27,11 @@ def trace(fn, position: int, others: tuple, x) -> Traced:
         given = iter(arrays)
         leaves = [next(given) if array else leaf for (_, leaf), array in zip(keyed, is_array)]
         args = list(treedef.unflatten(leaves))
-        args.insert(position, x)
+        if isinstance(position, tuple):
+            for p, xi in sorted(zip(position, x)):
+                args.insert(p, xi)
+        else:
+            args.insert(position, x)
         return fn(*args)
 
     arrays = [leaf for (_, leaf), array in zip(keyed, is_array) if array]

@@ -17,7 +17,7 @@ from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, rules as _r
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
-from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
+from jaxlrp._program import Traced, Value, from_closed_jaxpr, varying_axes
 from jaxlrp._table import AFFINE_KIND, FIXED, TRANSFORMER, RuleTable
 from jaxlrp.composites import Composite
 
@@ -108,10 +108,14 @@ def output_and_lrp(
     return explain
 
 
-def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1, record: Sequence[str] = ()) -> Callable[..., jax.Array]:
+def lrp_fn(
+    fn: Callable, composite: Composite, argnums: int | Sequence[int] = 1, record: Sequence[str] = ()
+) -> Callable[..., jax.Array]:
     """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
 
-    Returns `explain(*args, target=None)`: the relevance of `args[argnums]`. Each matmul or
+    Returns `explain(*args, target=None, conditions=None)`: the relevance of `args[argnums]`
+    (for a tuple `argnums`, the tuple of the relevance of each of those arguments; any
+    argument may be a pytree of arrays). Each matmul or
     convolution with one parameter operand is a layer; `LayerMap` keys are its kind
     (`"dense"`, `"conv"`), `first=` means the first in execution order, and `NameMap` patterns
     match the `jax.named_scope` the layer was traced in or its weight's key path in the other
@@ -130,16 +134,21 @@ def lrp_fn(fn: Callable, composite: Composite, argnums: int = 1, record: Sequenc
     _check_composite(composite)
     record = _check_record(record)
 
+    def positions(n: int):
+        return tuple(i % n for i in argnums) if isinstance(argnums, Sequence) else argnums % n
+
     def pure(*args, target=None, conditions=None):
-        position = argnums % len(args)
-        x, others = args[position], (*args[:position], *args[position + 1 :])
+        position = positions(len(args))
+        chosen = position if isinstance(position, tuple) else (position,)
+        x = tuple(args[i] for i in chosen) if isinstance(position, tuple) else args[position]
+        others = tuple(a for i, a in enumerate(args) if i not in chosen)
         bind = functools.partial(_function.trace, fn, position, others)
         return _output_and_relevance(bind, (x,), composite, target, others, record, conditions)
 
     compiled = _compiled_when_eager(pure)
 
     def explain(*args, target=None, conditions=None):
-        return compiled(argnums % len(args), *args, target=target, conditions=conditions)[1]
+        return compiled(positions(len(args)), *args, target=target, conditions=conditions)[1]
 
     return explain
 
@@ -153,7 +162,9 @@ def _compiled_when_eager(pure: Callable) -> Callable:
     def call(position, *args, target=None, **kwargs):
         if _eager.is_traced((args, target, kwargs)):
             return pure(*args, target=target, **kwargs)
-        _checks.check_input(args[position])  # under jit the check would see a tracer and skip
+        chosen = position if isinstance(position, tuple) else (position,)
+        for leaf in jax.tree.leaves([args[i] for i in chosen]):  # under jit the check would see a tracer
+            _checks.check_input(leaf)
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, relevance = jitted(*args, target=target, **kwargs)
@@ -175,7 +186,7 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     layer feeds) is a row of kind "affine" with `rules.Pass()`.
     """
     _check_composite(composite)
-    plan = _plan(_binding(model, apply_kwargs)(*inputs), composite)
+    plan = _plan(_binding(model, apply_kwargs)(*inputs), composite, len(jax.tree.leaves(inputs[-1])))
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
@@ -227,12 +238,13 @@ def _check_composite(composite) -> None:
         )
 
 
-def _plan(traced: Traced, composite: Composite) -> Plan:
+def _plan(traced: Traced, composite: Composite, explained: int = 1) -> Plan:
+    """The plan of a traced model whose last `explained` inputs (the leaves of `x`) are explained."""
     program = from_closed_jaxpr(traced.closed)
     if len(program.outputs) != 1:
         raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
-    n_params = len(program.inputs) - 1
-    return make_plan(program, [False] * n_params + [True], traced.describe, traced.names, composite.hold)
+    n_params = len(program.inputs) - explained
+    return make_plan(program, [False] * n_params + [True] * explained, traced.describe, traced.names, composite.hold)
 
 
 def _warn_unmerged(info) -> None:
@@ -321,32 +333,33 @@ def _output_and_relevance(
     """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained
     (`others`: what `bind` closes over). With `record`, the relevance is an `Explanation`;
     `conditions` (`{path: mask}`) condition the relevance at module outputs."""
-    x = inputs[-1]
-    _checks.check_input(x)
+    leaves, treedef = jax.tree.flatten(inputs[-1])
+    for leaf in leaves:
+        _checks.check_input(leaf)
     # Inside jax.shard_map, the explained input varies along every manual axis that the
     # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
     # a target per device): so does the relevance, which then needs no sum over devices.
-    x = _varying_like(x, (inputs[:-1], others, composite, target, conditions))
-    traced = bind(*inputs[:-1], x)
-    plan = _plan(traced, composite)
+    leaves = [_varying_like(leaf, (inputs[:-1], others, composite, target, conditions)) for leaf in leaves]
+    traced = bind(*inputs[:-1], treedef.unflatten(leaves))
+    plan = _plan(traced, composite, len(leaves))
     resolved = _resolve(composite, plan)
     params = traced.params
     recorded, masks = _hook_values(plan, traced.describe, record, conditions or {})
-    tokens = not jnp.issubdtype(jnp.result_type(x), jnp.floating)
-    if tokens:
-        token_taps = [t.node.outputs[0] for t in plan.taps()]
-        _check_token_taps(token_taps, x)
-        primal = [jnp.zeros(t.shape, t.dtype) for t in token_taps]
-    else:
-        primal = x
+    floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    token_taps = [t.node.outputs[0] for t in plan.taps()]
+    owners = _tap_owners(plan, token_taps, leaves, floats)
+    primal = ([leaves[i] for i in floats], [jnp.zeros(t.shape, t.dtype) for t in token_taps])
     layer_taps = [jnp.zeros(v.shape, v.dtype) for v in recorded.values()]
 
     def forward(primal, layer_taps):
+        given, tap_zeros = primal
+        args = list(leaves)
+        for i, leaf in zip(floats, given):
+            args[i] = leaf
         stores = {v: [] for v in {*recorded.values(), *masks}}
         taps = dict(zip(recorded.values(), layer_taps))
         hooks = {v: (masks.get(v), taps.get(v), stores[v]) for v in stores}
-        args = [*params, x if tokens else primal]
-        out = run(plan, resolved, args, primal if tokens else None, hooks)[0]
+        out = run(plan, resolved, [*params, *args], tap_zeros or None, hooks)[0]
         return out, [stores[v][0] for v in recorded.values()]
 
     out, pullback, activations = jax.vjp(forward, primal, layer_taps, has_aux=True)
@@ -354,14 +367,40 @@ def _output_and_relevance(
         if _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
         weights = jax.nn.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], dtype=out.dtype)
-        relevance, at_layers = jax.vmap(pullback)(weights * out)
+        (at_floats, at_taps), at_layers = jax.vmap(pullback)(weights * out)
     else:
-        relevance, at_layers = pullback(_seed(out, target))
-    if tokens:
-        relevance = sum(r.sum(axis=-1) for r in relevance)
+        (at_floats, at_taps), at_layers = pullback(_seed(out, target))
+    per_leaf = [None] * len(leaves)
+    for i, r in zip(floats, at_floats):
+        per_leaf[i] = r
+    for i in range(len(leaves)):
+        if per_leaf[i] is None:  # token ids: the relevance at their embeddings, summed over features
+            per_leaf[i] = sum(r.sum(axis=-1) for r, owner in zip(at_taps, owners) if owner == i)
+    relevance = treedef.unflatten(per_leaf)
     if not record:
         return out, relevance
     return out, Explanation(relevance, dict(zip(recorded, at_layers)), dict(zip(recorded, activations)))
+
+
+def _tap_owners(plan: Plan, taps: list, leaves: list, floats: list[int]) -> list[int]:
+    """For each embedding lookup, the integer input leaf whose ids it reads; every integer leaf
+    needs one (an integer input carries no relevance itself)."""
+    program = plan.program
+    first = len(program.inputs) - len(leaves)
+    derived = {program.inputs[first + i]: i for i in range(len(leaves)) if i not in floats}
+    for node in program.nodes:
+        sources = {derived[a] for a in node.inputs if isinstance(a, Value) and a in derived}
+        if len(sources) == 1:
+            derived.update((v, next(iter(sources))) for v in node.outputs)
+    by_output = {t.node.outputs[0]: t.node for t in plan.taps()}
+    owners = []
+    for tap in taps:
+        ids = {derived[a] for a in by_output[tap].inputs[1:] if isinstance(a, Value) and a in derived}
+        owners.append(next(iter(ids)) if len(ids) == 1 else -1)
+    for i, leaf in enumerate(leaves):
+        if i not in floats:
+            _check_token_taps([t for t, owner in zip(taps, owners) if owner == i], leaf)
+    return owners
 
 
 def _hook_values(plan: Plan, describe, record, conditions: dict) -> tuple[dict, dict]:

@@ -197,3 +197,56 @@ def test_errors_name_the_paths(linen):
         jaxlrp.lrp(Full(), COMPOSITE)(variables, x, conditions={"nowhere": jnp.ones(6)})
     with pytest.raises(TypeError, match="record= takes module paths"):
         jaxlrp.lrp(Full(), COMPOSITE, record=(3,))
+
+
+class ImageVectorTokens(nn.Module):
+    """Three inputs that meet by concatenation: an image, a vector and token ids."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        image, vector, ids = inputs["image"], inputs["vector"], inputs["ids"]
+        seen = nn.relu(nn.Dense(6, use_bias=False)(image.reshape(image.shape[0], -1)))
+        read = nn.Embed(7, 3)(ids).reshape(ids.shape[0], -1)
+        joined = jnp.concatenate([seen, vector, read], axis=-1)
+        return nn.Dense(4, use_bias=False)(nn.relu(nn.Dense(8, use_bias=False)(joined)))
+
+
+@pytest.fixture(scope="module")
+def several():
+    x = {
+        "image": jax.random.normal(jax.random.key(0), (2, 3, 3, 1), jnp.float64),
+        "vector": jax.random.normal(jax.random.key(1), (2, 5), jnp.float64),
+        "ids": jnp.array([[1, 2], [3, 6]]),
+    }
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), ImageVectorTokens().init(jax.random.key(2), x))
+    return x, variables
+
+
+def test_pytree_inputs_conserve_the_seed_together(several):
+    x, variables = several
+    target = jnp.array([0, 3])
+    relevance = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0())(variables, x, target)
+    assert jax.tree.map(jnp.shape, relevance) == {"image": (2, 3, 3, 1), "vector": (2, 5), "ids": (2, 2)}
+    total = sum(r.reshape(2, -1).sum(axis=1) for r in jax.tree.leaves(relevance))
+    seed = ImageVectorTokens().apply(variables, x)[jnp.arange(2), target]
+    np.testing.assert_allclose(total, seed, rtol=1e-12)  # LRP-0 without biases conserves
+    jitted = jax.jit(jaxlrp.lrp(ImageVectorTokens(), composites.LRP0()))(variables, x, target)
+    np.testing.assert_allclose(jitted["vector"], relevance["vector"], rtol=1e-12)
+
+
+def test_each_leaf_equals_explaining_it_with_the_others_held_fixed(several):
+    x, variables = several
+    composite = composites.EpsilonPlus()
+    target = jnp.array([1, 2])
+    together = jaxlrp.lrp(ImageVectorTokens(), composite)(variables, x, target)
+
+    def fn(params, image, vector, ids):
+        return ImageVectorTokens().apply(params, {"image": image, "vector": vector, "ids": ids})
+
+    args = (variables, x["image"], x["vector"], x["ids"])
+    for position, name in ((1, "image"), (2, "vector"), (3, "ids")):
+        alone = jaxlrp.lrp_fn(fn, composite, argnums=position)(*args, target=target)
+        np.testing.assert_allclose(alone, together[name], rtol=1e-12, atol=1e-15)
+    image, vector = jaxlrp.lrp_fn(fn, composite, argnums=(1, 2))(*args, target=target)
+    np.testing.assert_allclose(image, together["image"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(vector, together["vector"], rtol=1e-12, atol=1e-15)
