@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-__all__ = ["explain_dataset"]
+from jaxlrp._hooks import Explanation
+
+__all__ = ["explain_dataset", "relevance_maximization"]
 
 DATA_AXIS = "data"
 
@@ -94,27 +97,123 @@ def explain_dataset(
         compute = jax.jit(lambda v, x, t: explain(v, x, t), out_shardings=sharding)
     args = () if variables is None else (_replicated(variables, sharding),)
 
+    batches = _run_batches(compute, args, x, targets, starts, batch_size, n, sharding, progress, "explaining")
+    writes: list = []
+    for start, relevance in batches:
+        for future in writes:  # at most one batch of writes in flight
+            future.result()
+        writes = _write(store, relevance, start, n, done, chunk_rows)
+    for future in writes:
+        future.result()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: written")
+    return store
+
+
+def relevance_maximization(
+    explain: Callable,
+    variables,
+    data,
+    path: str,
+    targets=None,
+    *,
+    k: int = 8,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    by: str = "relevance",
+    reduce: str = "sum",
+):
+    """For each channel of the module `path`, the `k` samples of `data` where that channel's
+    relevance is highest (RelMax; `by="activation"`: its activation, ActMax), as in zennit-crp's
+    reference samples (Achtibat et al. 2023).
+
+    Args:
+      explain: `explain(variables, x, target)` recording `path`:
+        `jaxlrp.lrp(model, composite, record=(path,))` (`variables=None`: `explain(x, target)`).
+      data, targets, batch_size, mesh, progress: as for `explain_dataset`; batches are sharded
+        over the mesh's `"data"` axis and read while the previous one computes.
+      by: `"relevance"` or `"activation"`.
+      reduce: how a channel's values in one sample become its score: `"sum"` over the other
+        axes (positions, tokens) or their `"max"`.
+
+    Returns:
+      `(indices, scores)`, each of shape `(channels, k)`: per channel, the indices of its top
+      samples, highest score first, ties broken by the lower index. The running top-k lives on
+      the device; each batch's scores are merged into it in one jitted step.
+    """
+    if by not in ("relevance", "activation") or reduce not in ("sum", "max"):
+        raise ValueError(
+            f"jaxlrp.concepts.relevance_maximization: by must be 'relevance' or 'activation' and reduce "
+            f"'sum' or 'max'; got by={by!r}, reduce={reduce!r}."
+        )
+    if targets is not None and not hasattr(targets, "shape"):
+        targets = np.asarray(targets)
+    n = int(data.shape[0])
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"jaxlrp.concepts.relevance_maximization: k must lie in [1, {n}] samples, got {k!r}.")
+    sharding, _ = _batch_sharding(mesh, batch_size)
+    field = "layers" if by == "relevance" else "activations"
+
+    def scores(explanation):
+        recorded = list(explanation.layers) if isinstance(explanation, Explanation) else []
+        if path not in recorded:
+            raise ValueError(
+                f"jaxlrp.concepts.relevance_maximization: '{path}' was not recorded; the recorded paths are "
+                f"{recorded}. Build explain with jaxlrp.lrp(..., record=('{path}',))."
+            )
+        values = getattr(explanation, field)[path]
+        axes = tuple(range(1, values.ndim - 1))
+        return values.sum(axis=axes) if reduce == "sum" else values.max(axis=axes)  # (batch, channels)
+
+    # The (batch, channels) scores are small: gathered on every device for the merge.
+    gathered = sharding if isinstance(sharding, SingleDeviceSharding) else NamedSharding(sharding.mesh, PartitionSpec())
+    if variables is None:
+        compute = jax.jit(lambda x, t: scores(explain(x, t)), out_shardings=gathered)
+    else:
+        compute = jax.jit(lambda v, x, t: scores(explain(v, x, t)), out_shardings=gathered)
+    args = () if variables is None else (_replicated(variables, sharding),)
+
+    @jax.jit
+    def merge(best, chosen, batch_scores, start):
+        rows = (start + jnp.arange(batch_scores.shape[0])).astype(chosen.dtype)
+        batch_scores = jnp.where((rows < n)[:, None], batch_scores, -jnp.inf)  # padding never wins
+        values = jnp.concatenate([best, batch_scores.T.astype(best.dtype)], axis=1)
+        indices = jnp.concatenate([chosen, jnp.broadcast_to(rows, (best.shape[0], rows.shape[0]))], axis=1)
+        best, position = jax.lax.top_k(values, k)  # equal values: the earlier position, the lower index
+        return best, jnp.take_along_axis(indices, position, axis=1)
+
+    best = chosen = None
+    starts = list(range(0, n, batch_size))
+    for start, batch_scores in _run_batches(compute, args, data, targets, starts, batch_size, n, sharding, progress,
+                                            "maximizing"):
+        if best is None:
+            channels = batch_scores.shape[1]
+            dtype = jnp.promote_types(batch_scores.dtype, jnp.float32)
+            best, chosen = jnp.full((channels, k), -jnp.inf, dtype), jnp.full((channels, k), -1, jnp.int32)
+        best, chosen = merge(best, chosen, batch_scores, start)
+    return chosen, best
+
+
+def _run_batches(compute, args, x, targets, starts, batch_size: int, n: int, sharding, progress: bool, label: str):
+    """Yields `(start, compute(*args, batch, target))` for each batch start, the result
+    dispatched (not waited for) and the next batch read while it computes, each process reading
+    only its own devices' rows; advances a progress bar over the samples (on the first process)."""
+
     def load(start):
         batch = _device_batch(x, start, batch_size, n, sharding)
         target = None if targets is None else _device_batch(targets, start, batch_size, n, sharding)
         return batch, target
 
-    with _progress_bar(progress and jax.process_index() == 0, n, n - sum(min(batch_size, n - s) for s in starts)) as advance:
-        writes: list = []
+    completed = n - sum(min(batch_size, n - s) for s in starts)
+    with _progress_bar(progress and jax.process_index() == 0, n, completed, label) as advance:
         loaded = load(starts[0]) if starts else None
         for i, start in enumerate(starts):
-            relevance = compute(*args, *loaded)  # dispatched: runs while the next batch loads
+            result = compute(*args, *loaded)  # dispatched: runs while the next batch loads
             if i + 1 < len(starts):
                 loaded = load(starts[i + 1])
-            for future in writes:  # at most one batch of writes in flight
-                future.result()
-            writes = _write(store, relevance, start, n, done, chunk_rows)
+            yield start, result
             advance(min(batch_size, n - start))
-        for future in writes:
-            future.result()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: written")
-    return store
 
 
 def _batch_sharding(mesh, batch_size: int):
@@ -239,7 +338,7 @@ def _write(store, relevance: jax.Array, start: int, n: int, done: set[int], chun
 
 
 @contextlib.contextmanager
-def _progress_bar(show: bool, total: int, completed: int):
+def _progress_bar(show: bool, total: int, completed: int, label: str = "explaining"):
     """Yields `advance(k)`: a rich progress bar over samples with the throughput, or nothing."""
     if not show:
         yield lambda k: None
@@ -247,7 +346,7 @@ def _progress_bar(show: bool, total: int, completed: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     started, counted = time.perf_counter(), 0
-    with Progress(TextColumn("explaining"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()) as bar:
         task = bar.add_task("explain", total=total, completed=completed, rate="-")
 

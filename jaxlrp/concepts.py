@@ -21,9 +21,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlrp._dataset import relevance_maximization
 from jaxlrp._hooks import Explanation
 
-__all__ = ["channel_relevance", "top_concepts"]
+__all__ = ["channel_relevance", "relevance_maximization", "top_concepts"]
 
 
 def channel_relevance(explanation: Explanation, path: str) -> jax.Array:
