@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxlrp._dataset import relevance_maximization
 from jaxlrp._hooks import Explanation
 
-__all__ = ["channel_relevance", "relevance_maximization", "top_concepts"]
+__all__ = ["channel_relevance", "receptive_field_crop", "relevance_maximization", "top_concepts"]
 
 
 def channel_relevance(explanation: Explanation, path: str) -> jax.Array:
@@ -48,3 +48,32 @@ def top_concepts(explanation: Explanation, path: str, k: int) -> tuple[jax.Array
         raise ValueError(f"jaxlrp.concepts.top_concepts: k must lie in [1, {per_channel.shape[-1]}] channels, got {k}.")
     relevance, channels = jax.lax.top_k(per_channel, k)
     return channels, relevance
+
+
+def receptive_field_crop(relevance: jax.Array, threshold: float = 0.1) -> jax.Array:
+    """Where a concept's conditional heatmap concentrates: per sample, the smallest box holding
+    every position whose positive relevance (summed over the channel axis) reaches `threshold`
+    times the map's largest, as `(top, bottom, left, right)` with exclusive ends, shape `(B, 4)`.
+
+    `relevance` is `(B, H, W, C)` (or `(B, H, W)`). A map with no positive relevance gets the
+    whole image. Crop a reference sample with `image[top:bottom, left:right]` (zennit-crp shows
+    its reference samples cut to the concept's receptive field the same way).
+    """
+    r = jnp.asarray(relevance)
+    if r.ndim == 4:
+        r = r.sum(axis=-1)
+    if r.ndim != 3:
+        raise ValueError(f"jaxlrp.concepts.receptive_field_crop: expected maps (B, H, W[, C]), got {tuple(jnp.shape(relevance))}.")
+    positive = jnp.maximum(r, 0)
+    peak = positive.max(axis=(1, 2), keepdims=True)
+    inside = (positive >= threshold * peak) & (peak > 0)
+    rows, cols = inside.any(axis=2), inside.any(axis=1)  # (B, H), (B, W)
+
+    def span(hit):  # first index and one past the last index that is hit; all of it when none
+        n = hit.shape[-1]
+        first = jnp.where(hit.any(-1), jnp.argmax(hit, axis=-1), 0)
+        last = jnp.where(hit.any(-1), n - jnp.argmax(hit[..., ::-1], axis=-1), n)
+        return first, last
+
+    (top, bottom), (left, right) = span(rows), span(cols)
+    return jnp.stack([top, bottom, left, right], axis=-1)

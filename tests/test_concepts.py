@@ -307,3 +307,15 @@ def test_conditional_heatmaps_equal_zennit_crp():
     x_ours = jnp.asarray(twins.to_nhwc(x.detach().numpy()))
     ours = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x_ours, jnp.array([5, 5]), conditions={"conv2": masks})
     np.testing.assert_allclose(np.asarray(ours).sum(axis=-1), theirs.detach().numpy(), rtol=1e-10, atol=1e-16)
+
+
+def test_receptive_field_crop():
+    maps = np.zeros((3, 6, 7, 2))
+    maps[0, 1, 2, 0], maps[0, 3, 5, 1] = 1.0, 0.5  # both above 0.1 of the peak
+    maps[0, 5, 6, 0] = 0.05  # below it
+    maps[1, 2, 3, 0] = -4.0  # negative relevance does not count
+    maps[1, 4, 4, 1] = 2.0
+    # maps[2]: nothing positive: the whole image
+    boxes = concepts.receptive_field_crop(maps, threshold=0.1)
+    np.testing.assert_array_equal(boxes, [[1, 4, 2, 6], [4, 5, 4, 5], [0, 6, 0, 7]])
+    np.testing.assert_array_equal(jax.jit(concepts.receptive_field_crop)(maps[..., 0]), [[1, 2, 2, 3], [0, 6, 0, 7], [0, 6, 0, 7]])

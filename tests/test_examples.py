@@ -17,8 +17,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = (
     "flax_resnet", "equinox_model", "haiku_model", "nnx_orbax", "sharded_batch", "vit_digits", "nnx_language_model",
+    "concepts",
 )
-WRITES_FILES = ("vit_digits", "nnx_language_model")  # these get --out in a temporary folder
+WRITES_FILES = ("vit_digits", "nnx_language_model", "concepts")  # these get --out in a temporary folder
 TIMEOUT_S = 120
 
 
@@ -162,3 +163,12 @@ def test_nnx_language_model(runs):
     assert abs(cplrp_ratio - 1) < 1e-3, out  # CP-LRP gives the logit back
     page = _written(out, ".html").read_text(encoding="utf-8")
     assert page.count("<span") == length
+
+
+def test_concepts(runs):
+    out = _output(runs, "concepts")
+    shares = [float(s) for s in re.findall(r"concept Conv_1\[\d+\]: relevance [-0-9.]+ \(([-0-9.]+)% of", out)]
+    assert len(shares) == 4 and shares == sorted(shares, reverse=True), out  # the top 4, highest first
+    assert abs(_number(out, "conditional maps / map:") - 1.0) < 1e-4  # the channels' maps add up to the map
+    assert len(re.findall(r"  Conv_1\[\d+\]: digits \[\d+, \d+, \d+, \d+\]", out)) == 4  # 4 references each
+    assert _written(out, ".png").read_bytes().startswith(b"\x89PNG")
