@@ -348,8 +348,11 @@ def _output_and_relevance(
     floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
     token_taps = [t.node.outputs[0] for t in plan.taps()]
     owners = _tap_owners(plan, token_taps, leaves, floats)
-    primal = ([leaves[i] for i in floats], [jnp.zeros(t.shape, t.dtype) for t in token_taps])
-    layer_taps = [jnp.zeros(v.shape, v.dtype) for v in recorded.values()]
+    # Taps (zeros whose cotangent is the relevance arriving there) vary, inside jax.shard_map,
+    # along the input's manual axes, as the values they are added to do: else their cotangent
+    # would be summed over the devices.
+    primal = ([leaves[i] for i in floats], [_varying_like(jnp.zeros(t.shape, t.dtype), leaves) for t in token_taps])
+    layer_taps = [_varying_like(jnp.zeros(v.shape, v.dtype), leaves) for v in recorded.values()]
 
     def forward(primal, layer_taps):
         given, tap_zeros = primal

@@ -319,3 +319,34 @@ def test_receptive_field_crop():
     boxes = concepts.receptive_field_crop(maps, threshold=0.1)
     np.testing.assert_array_equal(boxes, [[1, 4, 2, 6], [4, 5, 4, 5], [0, 6, 0, 7]])
     np.testing.assert_array_equal(jax.jit(concepts.receptive_field_crop)(maps[..., 0]), [[1, 2, 2, 3], [0, 6, 0, 7], [0, 6, 0, 7]])
+
+
+def test_conditions_under_grad_and_shard_map(linen):
+    """The relevance is linear in a condition's mask, and `jax.grad` reaches it through the
+    backward pass; recording and per-sample conditions inside `jax.shard_map` over 8 devices."""
+    x, variables, _, _ = linen
+    explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
+
+    def total(mask):
+        return explain(variables, x, TARGET, conditions={"lower": mask}).input.sum()
+
+    grad = jax.jit(jax.grad(total))(jnp.ones(6))
+    _close(grad, jnp.stack([total(m) for m in jnp.eye(6)]))
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",))
+    spec = PartitionSpec("data")
+    batch = jnp.concatenate([x] * 3)[:8]
+    targets = jnp.arange(8) % 5
+    masks = jax.nn.one_hot(jnp.arange(8) % 6, 6, dtype=jnp.float64)  # a concept per sample
+
+    def body(xb, tb, mb):
+        return explain(variables, xb, tb, conditions={"lower": mb})
+
+    sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    got = sharded(put(batch), put(targets), put(masks))
+    expected = explain(variables, batch, targets, conditions={"lower": masks})
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        _close(a, b)
