@@ -141,7 +141,7 @@ ALL = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("name", ["gradient", "occlusion"])  # one each of the two ways a baseline runs the model
 def test_call_forms_linen_nnx_graphdef_function_agree(name):
     peers.zennit()  # the twins are built in torch
     _, model, variables, shape = twins.make("vgg", batch=2)

@@ -91,9 +91,9 @@ def _relative_l2(a, b) -> float:
 
 
 def test_half_precision_cnns_against_float32_on_the_same_weights():
-    """The VGG-16-like and ResNet-18-like benchmark CNNs (width 8) with float16 or bfloat16
-    parameters and activations, against float32 on the same (rounded) weights and inputs (the
-    VGG figures measured with the same code, not run: the slowest cases to compile).
+    """The ResNet-18-like benchmark CNN (width 8) with bfloat16 parameters and activations,
+    against float32 on the same (rounded) weights and inputs. The float16 and VGG figures were
+    measured with the same code and are not run (the suite's time).
 
     Measured (relative L2; float16 / bfloat16): VGG EpsilonPlusFlat 0.004 / 0.018 (0.027 on
     the first two samples alone),
@@ -106,39 +106,33 @@ def test_half_precision_cnns_against_float32_on_the_same_weights():
     """
     import cnns
 
+    low = jnp.bfloat16
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(8, 32, 32, 3)), jnp.float32).astype(low)
     model32, variables = cnns.make("resnet18", 8, dtype=jnp.float32)
-    # bfloat16 and float16 round these weights and inputs alike, so one float32 reference serves both.
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(8, 32, 32, 3)), jnp.float32)
-    x = x.astype(jnp.bfloat16).astype(jnp.float16).astype(jnp.float32)
-    variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float16).astype(jnp.float32), variables)
-    target = jnp.argmax(model32.apply(variables, x), -1)
-    composites_ = {"EpsilonPlusFlat": composites.EpsilonPlusFlat(), "EpsilonGammaBox": composites.EpsilonGammaBox(-1.0, 1.0),
-                   "EpsilonAlpha2Beta1Flat": composites.EpsilonAlpha2Beta1Flat()}
+    model_low, _ = cnns.make("resnet18", 8, dtype=low)
+    variables_low = jax.tree.map(lambda a: a.astype(low), variables)
+    same = jax.tree.map(lambda a: a.astype(jnp.float32), variables_low)
+    target = jnp.argmax(model32.apply(same, x.astype(jnp.float32)), -1)
 
     def grad_x_input(model, v, x):
         logit = lambda x: jnp.take_along_axis(model.apply(v, x), target[:, None], 1).sum().astype(jnp.float32)  # noqa: E731
         return jax.grad(logit)(x) * x
 
-    reference = {name: jaxlrp.lrp(model32, c)(variables, x, target) for name, c in composites_.items()}
-    reference_gxi = grad_x_input(model32, variables, x)
-    for low in (jnp.bfloat16, jnp.float16):
-        model_low, _ = cnns.make("resnet18", 8, dtype=low)
-        variables_low = jax.tree.map(lambda a: a.astype(low), variables)
-        bound = _relative_l2(grad_x_input(model_low, variables_low, x.astype(low)), reference_gxi)
-        for name, composite in composites_.items():
-            if low == jnp.float16 and name != "EpsilonPlusFlat":
-                continue  # measured (see above), not run: the suite's time
-            relevance = jaxlrp.lrp(model_low, composite)(variables_low, x.astype(low), target)
-            assert relevance.dtype == low and bool(jnp.all(jnp.isfinite(relevance)))
-            distance = _relative_l2(relevance, reference[name])
-            within_2_percent = low == jnp.float16 and name != "EpsilonAlpha2Beta1Flat"
-            assert distance <= (0.02 if within_2_percent else bound), (low, name, distance, bound)
+    bound = _relative_l2(grad_x_input(model_low, variables_low, x), grad_x_input(model32, same, x.astype(jnp.float32)))
+    for name, composite in (("EpsilonPlusFlat", composites.EpsilonPlusFlat()),
+                            ("EpsilonGammaBox", composites.EpsilonGammaBox(-1.0, 1.0)),
+                            ("EpsilonAlpha2Beta1Flat", composites.EpsilonAlpha2Beta1Flat())):
+        relevance = jaxlrp.lrp(model_low, composite)(variables_low, x, target)
+        assert relevance.dtype == low and bool(jnp.all(jnp.isfinite(relevance)))
+        distance = _relative_l2(relevance, jaxlrp.lrp(model32, composite)(same, x.astype(jnp.float32), target))
+        assert distance <= bound, (name, distance, bound)
 
 
 def test_float32_maps_equal_float64_maps():
     """Rules must not lose float32 precision the model keeps: on the ResNet-18-like benchmark CNN
-    every sign-split composite in float32 is within 1e-5 (relative L2) of float64 on the same
-    weights (measured below 1e-6; αβ reading x·W⁻ as x·W − x·W⁺ was 1.5e-3 off)."""
+    the γ and αβ composites in float32 are within 1e-5 (relative L2) of float64 on the same
+    weights (measured below 1e-6, EpsilonPlusFlat too; αβ reading x·W⁻ as x·W − x·W⁺ was 1.5e-3
+    off)."""
     import cnns
 
     model64, variables = cnns.make("resnet18", 8, dtype=jnp.float64)
@@ -146,8 +140,7 @@ def test_float32_maps_equal_float64_maps():
     x = np.random.default_rng(0).uniform(-1, 1, size=(16, 32, 32, 3))  # 16: a sample with z_β ≈ 0 among them
     target = jnp.argmax(model64.apply(variables, x), -1)
     variables32 = jax.tree.map(lambda a: a.astype(jnp.float32), variables)
-    for composite in (composites.EpsilonPlusFlat(), composites.EpsilonGammaBox(-1.0, 1.0),
-                      composites.EpsilonAlpha2Beta1Flat()):
+    for composite in (composites.EpsilonGammaBox(-1.0, 1.0), composites.EpsilonAlpha2Beta1Flat()):
         exact = jaxlrp.lrp(model64, composite)(variables, x, target)
         relevance = jaxlrp.lrp(model32, composite)(variables32, x.astype(np.float32), target)
         assert _relative_l2(relevance, exact) < 1e-5, composite
