@@ -95,7 +95,7 @@ def main():
     # AttnLRP's γ by faithfulness: the patches (one token each) replaced by uniform noise, most
     # and least relevant first, on held-out digits; every γ explained and scored in one call.
     gammas = [0.0, 0.1, 0.25, 0.5, 1.0]
-    n_sweep = 64 if args.small else 256
+    n_sweep = 32 if args.small else 256
     sweep = evaluate.sweep(
         lambda gamma: composites.AttnLRP(epsilon=1e-6, gamma=gamma), {"gamma": gammas}, model, variables,
         x_test[:n_sweep], y_test[:n_sweep], patch=(2, 2, 1), baseline="uniform", key=jax.random.key(1),

@@ -399,7 +399,12 @@ def _tap_owners(plan: Plan, taps: list, leaves: list, floats: list[int]) -> list
     owners = []
     for tap in taps:
         ids = {derived[a] for a in by_output[tap].inputs[1:] if isinstance(a, Value) and a in derived}
-        owners.append(next(iter(ids)) if len(ids) == 1 else -1)
+        if len(ids) != 1:
+            raise TypeError(
+                "jaxlrp: an embedding lookup reads ids computed from several integer inputs; their "
+                "relevance cannot be told apart. Explain them as one input."
+            )
+        owners.append(next(iter(ids)))
     for i, leaf in enumerate(leaves):
         if i not in floats:
             _check_token_taps([t for t, owner in zip(taps, owners) if owner == i], leaf)
