@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlrp import _internals
 from jaxlrp._hooks import condition
 from jaxlrp._layer import Layer
 from jaxlrp._plan import (
@@ -231,16 +232,16 @@ def _fold_into_weight(step: LinearStep, weight, scale):
         return None
     varying = {i for i, n in enumerate(scale.shape) if n != 1}
     params = step.weighted.params
-    if step.weighted.name == "conv_general_dilated" and step.weight == 1 and params["batch_group_count"] == 1:
-        numbers = params["dimension_numbers"]
-        output_features, kernel_features = numbers.out_spec[1], numbers.rhs_spec[0]
+    layout = _internals.conv_layout(params) if step.weighted.name == "conv_general_dilated" else None
+    if layout is not None and step.weight == 1 and layout.batch_group_count == 1:
+        output_features, kernel_features = layout.out_spec[1], layout.rhs_spec[0]
         if not varying <= {output_features}:
             return None
         shape = [1] * weight.ndim
         shape[kernel_features] = scale.shape[output_features]
         return weight * scale.reshape(shape).astype(weight.dtype)
     if step.weighted.name == "dot_general" and step.weight == 1:
-        (_, contracting), (_, batch) = params["dimension_numbers"]
+        (_, contracting), (_, batch) = _internals.dot_layout(params)
         free = [d for d in range(weight.ndim) if d not in contracting and d not in batch]
         if batch or not varying <= set(range(scale.ndim - len(free), scale.ndim)):
             return None
@@ -327,8 +328,8 @@ def _unbroadcast(r, shape):
 
 def _run_scan(step: ScanStep, rules: dict, env: dict) -> list:
     node = step.node
-    params = node.params
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    layout = _internals.scan_layout(node.params)
+    n_consts, n_carry = layout.num_consts, layout.num_carry
     args = [_read(env, a) for a in node.inputs]
     consts, init, xs = args[:n_consts], args[n_consts : n_consts + n_carry], args[n_consts + n_carry :]
 
@@ -337,6 +338,6 @@ def _run_scan(step: ScanStep, rules: dict, env: dict) -> list:
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = lax.scan(
-        body, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
+        body, init, xs, length=layout.length, reverse=layout.reverse, unroll=layout.unroll
     )
     return [*carry, *ys]

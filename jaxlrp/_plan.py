@@ -42,8 +42,9 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core
+from jax.extend import core
 
+from jaxlrp import _internals
 from jaxlrp._program import ELEMENTWISE, Atom, Const, Node, Program, Value
 from jaxlrp._table import AFFINE_KIND, LayerInfo
 
@@ -283,7 +284,8 @@ class _Planner:
 
     def _scan_flags(self, node: Node) -> list[bool]:
         """Which scan body inputs carry relevance: consts and xs as given, the carry to a fixed point."""
-        n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
+        layout = _internals.scan_layout(node.params)
+        n_consts, n_carry = layout.num_consts, layout.num_carry
         flags = [self.carries(a) for a in node.inputs]
         while True:
             body = self._body_planner(node)
@@ -420,7 +422,7 @@ class _Planner:
                 self.held.update((user, i) for user in self.uses[value] if user is not None
                                  for i, a in enumerate(user.inputs) if a is value)
                 continue
-            self._claim(nodes, lambda nodes=nodes, source=source, axes=tuple(reduce.params["axes"]): self._softmax(nodes, source, axes))
+            self._claim(nodes, lambda nodes=nodes, source=source, axes=_internals.reduce_axes(reduce.params): self._softmax(nodes, source, axes))
 
     def _softmax(self, nodes: list[Node], source: Value, axes: tuple[int, ...]) -> None:
         if not self.carries(nodes[-1].outputs[0]):  # under a stop_gradient: computed as it is
@@ -496,10 +498,10 @@ class _Planner:
             return None
         # A patch extraction (`lax.conv_general_dilated_patches`): one group per input feature,
         # one output feature per input feature and window position. A fixed filter is not one.
-        kernel, numbers = node.inputs[1].shape, node.params["dimension_numbers"]
-        features = node.inputs[0].shape[numbers.lhs_spec[1]]
-        window = int(np.prod([kernel[d] for d in numbers.rhs_spec[2:]]))
-        if node.params["feature_group_count"] != features or kernel[numbers.rhs_spec[0]] != features * window:
+        kernel, layout = node.inputs[1].shape, _internals.conv_layout(node.params)
+        features = node.inputs[0].shape[layout.lhs_spec[1]]
+        window = int(np.prod([kernel[d] for d in layout.rhs_spec[2:]]))
+        if layout.feature_group_count != features or kernel[layout.rhs_spec[0]] != features * window:
             return None
         nodes, value = [node], node.outputs[0]
         while len(self.uses[value]) == 1 and self.uses[value][0] is not None:
@@ -636,8 +638,8 @@ def _is_relu_jaxpr(jaxpr) -> bool:
         return False
     if last.primitive.name == "max":
         return any(isinstance(v, core.Literal) and np.all(np.asarray(v.val) >= 0) for v in last.invars)
-    inner = last.params.get("jaxpr", last.params.get("call_jaxpr"))
-    return inner is not None and _is_relu_jaxpr(getattr(inner, "jaxpr", inner))
+    inner, _ = _internals.call_body(last.params)
+    return inner is not None and _is_relu_jaxpr(inner)
 
 
 def _nonnegative_values(program: Program) -> set[Value]:
@@ -649,8 +651,7 @@ def _nonnegative_values(program: Program) -> set[Value]:
         if node.name == "max":
             keep = any(_nonnegative_const(a) or a in out for a in node.inputs)
         elif node.elementwise and node.name not in ELEMENTWISE:
-            inner = node.params.get("jaxpr", node.params.get("call_jaxpr"))
-            keep = _is_relu_jaxpr(getattr(inner, "jaxpr", inner))
+            keep = _is_relu_jaxpr(_internals.call_body(node.params)[0])
         elif node.name in KEEP_SIGN:
             keep = bool(floats) and all(a in out or _nonnegative_const(a) for a in floats)
         else:

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax._src import core
+from jax.extend import core
+
+from jaxlrp import _internals
 
 # Primitives that act element by element: output element i depends on input element i only.
 ELEMENTWISE = frozenset(
@@ -77,18 +79,11 @@ class Node:
 
         With `dtype`, an accumulation dtype that the node asks for (`preferred_element_type`
         of a matmul or convolution) becomes `dtype`: for arguments cast to a wider type."""
-        params = self.params
-        if dtype is not None and params.get("preferred_element_type") is not None:
-            params = {**params, "preferred_element_type": dtype}
-        out = self.primitive.bind(*same_varying_axes(args), **self.primitive.get_bind_params(params))
-        return list(out) if self.primitive.multiple_results else [out]
+        params = self.params if dtype is None else _internals.with_accumulation(self.params, dtype)
+        return _internals.bind(self.primitive, same_varying_axes(args), params)
 
 
-def varying_axes(x) -> frozenset:
-    """The manual mesh axes along which `x` varies inside `jax.shard_map` (empty outside)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+varying_axes = _internals.varying_axes
 
 
 def same_varying_axes(args) -> list:
@@ -121,13 +116,6 @@ class Program:
     nodes: list[Node]
 
 
-def _sub_jaxpr(eqn) -> tuple[core.Jaxpr, list]:
-    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if isinstance(inner, core.ClosedJaxpr):
-        return inner.jaxpr, list(inner.consts)
-    return inner, []
-
-
 def _is_elementwise_jaxpr(jaxpr: core.Jaxpr) -> bool:
     if not jaxpr.outvars:
         return False
@@ -141,7 +129,7 @@ def _is_elementwise_eqn(eqn) -> bool:
     if name in ELEMENTWISE:
         return True
     if name in CALLS:
-        return _is_elementwise_jaxpr(_sub_jaxpr(eqn)[0])
+        return _is_elementwise_jaxpr(_internals.call_body(eqn.params)[0])
     return False
 
 
@@ -167,13 +155,13 @@ def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> l
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         ins = tuple(read(v) for v in eqn.invars)
-        eqn_scope = _join(scope, str(eqn.source_info.name_stack))
+        eqn_scope = _join(scope, _internals.name_stack(eqn))
         name = eqn.primitive.name
         if name in CALLS and not _is_elementwise_eqn(eqn):
-            inner, inner_consts = _sub_jaxpr(eqn)
+            inner, inner_consts = _internals.call_body(eqn.params)
             outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
         else:
-            body = from_closed_jaxpr(eqn.params["jaxpr"], eqn_scope) if name == "scan" else None
+            body = from_closed_jaxpr(_internals.scan_layout(eqn.params).body, eqn_scope) if name == "scan" else None
             outs = tuple(Value(v.aval) for v in eqn.outvars)
             elementwise = _is_elementwise_eqn(eqn)
             nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body))

@@ -7,8 +7,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlrp import composites
+
+# The precisions an engine test runs in: float32 in JAX's default configuration (x64 off, as
+# users run it) and float64 (x64 on, through the `float64` marker); `TOLERANCE` is what each
+# one's rounding allows between two ways of computing the same map.
+PRECISIONS = [pytest.param(jnp.float32, id="float32"),
+              pytest.param(jnp.float64, id="float64", marks=pytest.mark.float64)]
+TOLERANCE = {np.dtype(np.float32): dict(rtol=2e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-10, atol=1e-14)}
+
+
+def tolerance(dtype) -> dict:
+    return TOLERANCE[np.dtype(dtype)]
 
 NAMED = {
     "EpsilonPlus": composites.EpsilonPlus,
@@ -34,7 +46,10 @@ class CNN(nn.Module):
         return nn.Dense(3)(x)
 
 
-def init(model, shape, dtype=jnp.float64, seed=0):
+def init(model, shape, dtype=None, seed=0):
+    """Random input and variables (BatchNorm statistics drawn too); `dtype` None: the widest
+    float of the configuration (float64 under the `float64` marker, else float32)."""
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
     x = jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
     variables = model.init(jax.random.PRNGKey(seed + 1), x)
     if "batch_stats" in variables:

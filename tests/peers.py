@@ -18,13 +18,20 @@ import pytest
 
 
 def require(name: str):
-    """Imports `name`, or skips (fails under JAXLRP_REQUIRE_PEERS=1) when it is missing."""
-    if importlib.util.find_spec(name) is None:
-        message = f"{name} is not installed; install the test extra: pip install -e '.[test]'"
+    """Imports `name` (dotted names too), or skips (fails under JAXLRP_REQUIRE_PEERS=1) when it
+    or a package above it is missing. An import that fails inside an installed package is an
+    error, not a skip: it says the peer is broken, not absent."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        parts = name.split(".")
+        if error.name not in {".".join(parts[: i + 1]) for i in range(len(parts))}:
+            raise
+        message = (f"{error.name} is not installed (needed for {name}); run the README's test "
+                   "command, which installs every peer library")
         if os.environ.get("JAXLRP_REQUIRE_PEERS") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    return importlib.import_module(name)
 
 
 def zennit():

@@ -12,6 +12,8 @@ import peers
 import twins
 from jaxlrp import attribution
 
+pytestmark = pytest.mark.float64  # closed forms and parity with zennit in float64
+
 SHAPE = (3, 4, 4, 2)
 
 

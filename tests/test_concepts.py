@@ -12,6 +12,8 @@ import jaxlrp
 import peers
 from jaxlrp import composites, concepts
 
+pytestmark = pytest.mark.float64  # parity with zennit-crp and float64 references
+
 # No first-layer rule, so that the split models get the same rules as the whole.
 COMPOSITE = composites.EpsilonPlus(epsilon=0.1)
 TARGET = jnp.array([0, 1, 4])

@@ -13,6 +13,8 @@ import scipy.stats
 import jaxlrp
 from jaxlrp import composites, evaluate, rules
 
+pytestmark = pytest.mark.float64  # known answers and Quantus equality in float64
+
 
 def _linear_problem(shape=(3, 4, 4, 2), classes=5, seed=0):
     """A bias-free linear model: replacing feature i by 0 lowers the target output by R_i = w_i x_i."""

@@ -11,6 +11,8 @@ import pytest
 import jaxlrp
 from jaxlrp import composites, rules
 
+pytestmark = pytest.mark.float64  # Equinox and Haiku models against float64 references
+
 
 def _equinox_cnn():
     keys = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -13,6 +13,8 @@ from jaxlrp import composites, rules
 import models
 import twins
 
+pytestmark = pytest.mark.float64  # closed forms and references in float64
+
 EPSILON = composites.LayerMap({("dense", "conv"): rules.Epsilon(0.01)})
 
 

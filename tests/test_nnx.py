@@ -13,6 +13,8 @@ from jaxlrp import composites, rules
 import models
 import twins
 
+pytestmark = pytest.mark.float64  # NNX, functions and Linen equal to float64 rounding, and zennit parity
+
 
 @pytest.fixture(scope="module")
 def vgg():

@@ -10,6 +10,8 @@ from jaxlrp import composites, rules
 import peers
 import twins
 
+pytestmark = pytest.mark.float64  # parity with zennit in float64
+
 RTOL = 1e-9
 TARGETS = np.array([3, 0, 7])
 

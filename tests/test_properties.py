@@ -4,11 +4,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlrp
 from jaxlrp import composites, rules
+
+pytestmark = pytest.mark.float64  # conservation checked to float64 rounding
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)  # the same examples in every CI run
 

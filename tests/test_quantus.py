@@ -15,6 +15,8 @@ import peers
 import twins
 from jaxlrp import composites, evaluate
 
+pytestmark = pytest.mark.float64  # equality with Quantus on float64 maps
+
 
 class SmallCNN(nn.Module):
     @nn.compact

@@ -18,6 +18,8 @@ import pytest
 import jaxlrp
 from jaxlrp import composites, rules
 
+pytestmark = pytest.mark.float64  # closed forms compared in float64
+
 
 class ConvBN(nn.Module):
     @nn.compact

@@ -1,0 +1,119 @@
+"""What jaxlrp reads of JAX beyond its public API, in one place.
+
+The engine works on traced programs, and JAX's public API (`jax.make_jaxpr`, the types of
+`jax.extend.core`, `jax.lax.pcast`, `jax.typeof`) does not cover everything it must read off
+them. Each such read is one function of this module, and `tests/test_internals.py` checks
+each against the installed JAX on a small traced program, so a JAX release that changes one
+fails there, by name, instead of as a wrong heatmap:
+
+* **Name stacks** (`eqn.source_info.name_stack`): the `jax.named_scope`s an equation was
+  traced in, relative to the enclosing call, as a `/`-joined string. The bindings mark each
+  module call with a scope and read the marks back (`name_stack`).
+* **Re-binding an equation** (`Primitive.get_bind_params`): an equation's params are not always
+  `bind`'s keyword arguments (a call primitive holds a jaxpr where `bind` takes a function);
+  rules bind the traced primitive again on modified weights (`bind`). jax 0.8 returns
+  `(subfuns, params)`, jax 0.10 the params alone.
+* **Primitive parameter layouts**: a call's body (`jaxpr` or `call_jaxpr`, closed or open:
+  `call_body`); `scan`'s `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll`
+  (`scan_layout`); `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
+  `feature_group_count`, `batch_group_count` (`conv_layout`); `dot_general`'s
+  `dimension_numbers` as `((lhs contracting, rhs contracting), (lhs batch, rhs batch))`
+  (`dot_layout`); a reduction's `axes` (`reduce_axes`); a matmul's or convolution's
+  `preferred_element_type` (`with_accumulation`).
+* **Primitive names**: which primitive each `jnp`, `lax` and `nn` function emits (jax 0.10 made
+  `jnp.stack` a primitive of its own, for instance). The engine's sets of names
+  (`_program.ELEMENTWISE`, `_program.CALLS`, `_plan`'s) are checked against a catalogue of
+  functions in the tests.
+* **Varying manual axes** inside `jax.shard_map` (`aval.manual_axis_type.varying` from jax 0.9,
+  `aval.vma` before: `varying_axes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.extend import core
+
+
+def name_stack(eqn: core.JaxprEqn) -> str:
+    """The `jax.named_scope`s `eqn` was traced in, relative to its enclosing jaxpr: "a/b"."""
+    return str(eqn.source_info.name_stack)
+
+
+def bind(primitive: core.Primitive, args, params: dict) -> list:
+    """Runs `primitive` with a traced equation's `params` on `args`; a list of outputs."""
+    bound = primitive.get_bind_params(params)
+    subfuns, bound = bound if isinstance(bound, tuple) else ((), bound)  # jax 0.8: a pair
+    out = primitive.bind(*subfuns, *args, **bound)
+    return list(out) if primitive.multiple_results else [out]
+
+
+def with_accumulation(params: dict, dtype) -> dict:
+    """`params` of a matmul or convolution accumulating in `dtype` (when it names one)."""
+    if params.get("preferred_element_type") is None:
+        return params
+    return {**params, "preferred_element_type": dtype}
+
+
+def call_body(params: dict) -> tuple[core.Jaxpr | None, list]:
+    """The body of a call primitive (`jit`, `custom_jvp_call`, `remat`, ...) and its constants;
+    `(None, [])` for a primitive that holds none."""
+    inner = params.get("jaxpr", params.get("call_jaxpr"))
+    if isinstance(inner, core.ClosedJaxpr):
+        return inner.jaxpr, list(inner.consts)
+    return inner, []
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanLayout:
+    """A `scan` equation's inputs are `(*consts, *carry, *xs)`, its outputs `(*carry, *ys)`."""
+
+    body: core.ClosedJaxpr
+    num_consts: int
+    num_carry: int
+    length: int
+    reverse: bool
+    unroll: Any
+
+
+def scan_layout(params: dict) -> ScanLayout:
+    return ScanLayout(params["jaxpr"], params["num_consts"], params["num_carry"], params["length"],
+                      params["reverse"], params["unroll"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayout:
+    """Which axis of each operand is what: `lhs_spec`/`out_spec` are (batch, feature, *spatial),
+    `rhs_spec` is (out feature, in feature, *spatial)."""
+
+    lhs_spec: tuple[int, ...]
+    rhs_spec: tuple[int, ...]
+    out_spec: tuple[int, ...]
+    feature_group_count: int
+    batch_group_count: int
+
+
+def conv_layout(params: dict) -> ConvLayout:
+    numbers = params["dimension_numbers"]
+    return ConvLayout(tuple(numbers.lhs_spec), tuple(numbers.rhs_spec), tuple(numbers.out_spec),
+                      params["feature_group_count"], params["batch_group_count"])
+
+
+def dot_layout(params: dict) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """`((lhs contracting, rhs contracting), (lhs batch, rhs batch))` of a `dot_general`."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+def reduce_axes(params: dict) -> tuple[int, ...]:
+    """The axes a `reduce_sum`/`reduce_max`/... equation reduces over."""
+    return tuple(params["axes"])
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes along which `x` varies inside `jax.shard_map` (empty outside)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
