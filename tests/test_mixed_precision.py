@@ -128,6 +128,7 @@ def test_half_precision_cnns_against_float32_on_the_same_weights():
         assert distance <= bound, (name, distance, bound)
 
 
+@pytest.mark.float64
 def test_float32_maps_equal_float64_maps():
     """Rules must not lose float32 precision the model keeps: on the ResNet-18-like benchmark CNN
     the αβ composite in float32 is within 1e-5 (relative L2) of float64 on the same weights
