@@ -403,11 +403,16 @@ class _Planner:
                 continue
             numerator, denominator = node.inputs
             exp = self._producer_of(numerator, frozenset({"exp"}))
-            total, reshapes = self._through(denominator, STRUCTURAL)
+            # The sum may be taken in a wider dtype: `jax.nn.softmax` in bfloat16 converts
+            # exp's output to float32, sums, and converts the sum back.
+            total, reshapes = self._through(denominator, RESHAPING)
             reduce = self._producer_of(total, frozenset({"reduce_sum"}))
-            if exp is None or reduce is None or reduce.inputs[0] is not numerator:
+            if exp is None or reduce is None:
                 continue
-            nodes = [exp, reduce, *reshapes, node]
+            summed, conversions = self._through(reduce.inputs[0], VALUE_PRESERVING)
+            if summed is not numerator:
+                continue
+            nodes = [exp, *conversions, reduce, *reshapes, node]
             source = exp.inputs[0]
             shift = self._producer_of(source, frozenset({"sub"}))
             if shift is not None and self.carries(shift.inputs[0]) and not self.carries(shift.inputs[1]):

@@ -6,6 +6,8 @@ pooling), with the same weights in torch; CP-LRP against a torch reference writt
 definition (attention weights constant, the ε rule on `V ↦ A·V`).
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -415,3 +417,44 @@ def test_positional_embedding_takes_its_share_like_a_bias():
     np.testing.assert_allclose(relevance, expected, rtol=1e-7)
     with pytest.warns(jaxlrp.UnmergedAffineWarning, match="'<root>' \\(Embedded\\) shifts"):
         jaxlrp.rule_table(model, composites.EpsilonPlus(), variables, tokens)  # Pass by default, said
+
+
+class HalfAttention(nn.Module):
+    """Stock attention in a half precision: `jax.nn.softmax` sums exp's output in float32
+    (exp → convert → reduce_sum → convert back → div)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=FEATURES, dtype=self.dtype)(x)
+        return nn.Dense(3, dtype=self.dtype)(x.mean(1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", ["AttnLRP", "CPLRP"])
+def test_half_precision_softmax_is_a_softmax(dtype, name):
+    """The softmax is found through its dtype conversions: AttnLRP gives it its rule and CP-LRP
+    holds it (before: planned as a "norm", 2.2-2.6 relative L2 off float32, CP-LRP equal to
+    AttnLRP). The map is as close to float32 on the same rounded weights as the precision
+    allows (measured, bfloat16: AttnLRP 0.044, CP-LRP 0.050; the batched map and vmap 0.004 apart)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, TOKENS, FEATURES))
+    variables = jax.tree.map(lambda a: a.astype(dtype), HalfAttention().init(jax.random.PRNGKey(1), x))
+    x = x.astype(dtype)
+    composite = getattr(composites, name)()
+    kinds = [info.kind for info in jaxlrp.rule_table(HalfAttention(dtype), composite, variables, x).layers]
+    assert "norm" not in kinds
+    assert kinds.count("softmax") == (name == "AttnLRP")
+    assert kinds.count("bilinear") == (2 if name == "AttnLRP" else 0)
+    explain = jax.jit(jaxlrp.lrp(HalfAttention(dtype), composite))
+    relevance = explain(variables, x, 0)
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), (variables, x))
+    reference = np.asarray(jaxlrp.lrp(HalfAttention(), composite)(*wide, 0))
+    assert _relative_l2(relevance, reference) < 0.1
+    per_sample = jax.vmap(lambda xi: explain(variables, xi[None], 0)[0])(x)  # measured: 0.004
+    assert _relative_l2(per_sample, relevance) < 0.02
+
+
+def _relative_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
