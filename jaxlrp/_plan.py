@@ -59,7 +59,7 @@ VALUE_PRESERVING = frozenset("convert_element_type copy".split())
 # What a layer's chain and a weight's name look through.
 RESHAPING = STRUCTURAL | VALUE_PRESERVING
 GRADIENT = frozenset(
-    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice
+    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
     dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
     reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
     stop_gradient optimization_barrier pvary pcast""".split()
@@ -67,8 +67,8 @@ GRADIENT = frozenset(
 TAPS = frozenset("gather dynamic_slice".split())
 # Ops whose output is >= 0 when their float operands are (selections, reshapes, max-pooling).
 KEEP_SIGN = frozenset(
-    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate slice dynamic_slice gather
-    pad rev reduce_max reduce_window_max copy convert_element_type""".split()
+    """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
+    gather pad rev reduce_max reduce_window_max copy convert_element_type""".split()
 )
 
 

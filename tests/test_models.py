@@ -427,3 +427,31 @@ def test_a_learned_scale_passes_silently_a_learned_shift_is_reported():
     with pytest.warns(jaxlrp.UnmergedAffineWarning, match=r"^jaxlrp: '<root>' \(Net\) shifts"):
         table = jaxlrp.rule_table(Net(True), EPSILON, variables, x)
     assert [info.kind for info in table.layers] == ["dense", "affine", "dense"]
+
+
+def test_stack_moves_values_like_concatenate():
+    """`jnp.stack` (a primitive of its own from jax 0.10; before, reshapes and a concatenate):
+    a rotary embedding written with it, as keras-hub's Llama and Gemma write theirs, gets the
+    map of the same rotation written with concatenate."""
+    angles = np.linspace(0.1, 1.0, 3)
+    cos, sin = np.repeat(np.cos(angles), 2), np.repeat(np.sin(angles), 2)
+
+    def rotary(rotate):
+        def fn(params, x):
+            return jnp.tanh((x * cos + rotate(x) * sin) @ params["w1"]) @ params["w2"]
+        return fn
+
+    def with_stack(x):
+        return jnp.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+
+    def with_concatenate(x):
+        return jnp.concatenate([-x[..., 1::2, None], x[..., ::2, None]], axis=-1).reshape(x.shape)
+
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(6, 5))), "w2": jnp.asarray(rng.normal(size=(5, 2)))}
+    x = jnp.asarray(rng.normal(size=(4, 6)))
+    composite = composites.EpsilonPlus()
+    stacked = jaxlrp.lrp_fn(rotary(with_stack), composite)(params, x, target=1)
+    concatenated = jaxlrp.lrp_fn(rotary(with_concatenate), composite)(params, x, target=1)
+    np.testing.assert_allclose(stacked, concatenated, rtol=1e-12, atol=1e-15)
+    assert float(jnp.abs(stacked).sum()) > 0
