@@ -279,7 +279,8 @@ def _run_pass(step: PassStep, env: dict) -> jax.Array:
         return local[step.output]
 
     def backward(xs, extras, output, relevance):
-        return (relevance,)
+        # An input broadcast implicitly along size-1 axes gets the relevance of its copies.
+        return (_unbroadcast(relevance, jnp.shape(xs[0])),)
 
     return relevance_call(forward, backward, (env[step.source],), [env[v] for v in step.extras])
 

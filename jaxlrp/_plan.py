@@ -327,7 +327,8 @@ class _Planner:
             self._scan(node)
             return
         sources = {self.src(node.inputs[i]) for i in relevant}
-        same_shapes = all(node.inputs[i].shape == out.shape for i in relevant)
+        # Elementwise, up to size-1 axes that broadcast implicitly (`f32[B,F,1] × f32[1,1,K]`).
+        same_shapes = all(_broadcasts_to(node.inputs[i].shape, out.shape) for i in relevant)
         if name in WEIGHTED_PRIMITIVES and len(relevant) == 1:
             weight = 1 - relevant[0]
             local = self._local_conv(node, weight)
@@ -623,6 +624,11 @@ class _Planner:
         nodes = sorted(members, key=self.order.__getitem__)
         return PassStep(source, nodes, output, extras)
 
+
+
+def _broadcasts_to(shape, out) -> bool:
+    """`shape` is `out`, or `out` with some axes of size 1 (numpy-style, same rank)."""
+    return len(shape) == len(out) and all(a in (1, b) for a, b in zip(shape, out))
 
 
 def _is_fused_kernel(name: str) -> bool:

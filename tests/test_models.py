@@ -455,3 +455,27 @@ def test_stack_moves_values_like_concatenate():
     concatenated = jaxlrp.lrp_fn(rotary(with_concatenate), composite)(params, x, target=1)
     np.testing.assert_allclose(stacked, concatenated, rtol=1e-12, atol=1e-15)
     assert float(jnp.abs(stacked).sum()) > 0
+
+
+def test_an_activation_broadcast_along_size_one_axes():
+    """`h[:, :, None] * scale[None, None, :]`: jnp in jax 0.10 writes it as one `mul` of
+    f32[B,F,1] and f32[1,1,K] (implicit broadcasting). Its map equals the explicitly broadcast
+    one, whose copies' relevance adds up in the input."""
+    rng = np.random.default_rng(1)
+    params = {"w1": jnp.asarray(rng.normal(size=(5, 4))), "scale": jnp.asarray(rng.normal(size=(3,))),
+              "w2": jnp.asarray(rng.normal(size=(12, 2)))}
+
+    def implicit(params, x):
+        h = jax.nn.relu(x @ params["w1"])
+        return (h[:, :, None] * params["scale"][None, None, :]).reshape(x.shape[0], -1) @ params["w2"]
+
+    def explicit(params, x):
+        h = jax.nn.relu(x @ params["w1"])
+        wide = jnp.broadcast_to(h[:, :, None], (*h.shape, 3))
+        return (wide * jnp.broadcast_to(params["scale"], wide.shape)).reshape(x.shape[0], -1) @ params["w2"]
+
+    x = jnp.asarray(rng.normal(size=(3, 5)))
+    composite = composites.EpsilonPlus()
+    got = jaxlrp.lrp_fn(implicit, composite)(params, x, target=0)
+    np.testing.assert_allclose(got, jaxlrp.lrp_fn(explicit, composite)(params, x, target=0), rtol=1e-12, atol=1e-15)
+    assert float(jnp.abs(got).sum()) > 0
