@@ -298,7 +298,7 @@ class _Planner:
 
     def _body_planner(self, node: Node) -> _Planner:
         names = {b: self.names[a] for b, a in zip(node.body.inputs, node.inputs) if a in self.names}
-        return _Planner(node.body, self.describe, names)
+        return _Planner(node.body, self.describe, names, self.hold)  # CP-LRP holds inside the body too
 
     def src(self, value: Value) -> Value:
         return self.source.get(value, value)

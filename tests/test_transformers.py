@@ -458,3 +458,41 @@ def test_half_precision_softmax_is_a_softmax(dtype, name):
 def _relative_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+class ScannedBlocks(nn.Module):
+    """Two pre-norm attention blocks, under nn.scan or unrolled."""
+
+    scan: bool
+
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                attention = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=FEATURES)
+                return h + attention(nn.LayerNorm()(h)), None
+
+        if self.scan:
+            x, _ = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="blocks")(x, None)
+        else:
+            for i in range(2):
+                x, _ = Layer(name=f"block{i}")(x, None)
+        return nn.Dense(3, name="head")(x.mean(1))
+
+
+@pytest.mark.float64
+@pytest.mark.parametrize("name", ["AttnLRP", "CPLRP"])
+def test_scanned_blocks_equal_the_unrolled_ones(name):
+    """Inside an nn.scan body, CP-LRP holds the attention as it does outside (before: the body
+    was planned without the hold, and CP-LRP's map was AttnLRP's)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, TOKENS, FEATURES), jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), ScannedBlocks(True).init(jax.random.PRNGKey(1), x))
+    stacked = variables["params"]["blocks"]
+    unrolled = {"params": {**{f"block{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(2)},
+                           "head": variables["params"]["head"]}}
+    composite = getattr(composites, name)(epsilon=1e-8)
+    scanned = jax.jit(jaxlrp.lrp(ScannedBlocks(True), composite))(variables, x)
+    np.testing.assert_allclose(scanned, jaxlrp.lrp(ScannedBlocks(False), composite)(unrolled, x), rtol=1e-9, atol=1e-12)
+    kinds = [info.kind for info in jaxlrp.rule_table(ScannedBlocks(True), composite, variables, x).layers]
+    assert ("softmax" in kinds) == (name == "AttnLRP")
