@@ -19,7 +19,7 @@ from jax import lax
 
 from jaxlrp import _internals
 from jaxlrp._hooks import condition
-from jaxlrp._layer import Layer
+from jaxlrp._layer import Layer, unbroadcast
 from jaxlrp._plan import (
     STRUCTURAL,
     VALUE_PRESERVING,
@@ -117,7 +117,7 @@ def run(plan: Plan, rules: dict, args: Sequence, taps: Sequence | None = None, h
         elif isinstance(step, SoftmaxStep):
             env[step.output] = _run_softmax(step, rules[step], env)
         elif isinstance(step, ProductStep):
-            env[node.outputs[0]] = _run_product(step, env)
+            env[node.outputs[0]] = _run_product(step, rules[step], env)
         elif isinstance(step, TapStep):
             (out,) = node.bind(*(_read(env, a) for a in node.inputs))
             env[node.outputs[0]] = out if taps is None else out + taps[step.index]
@@ -280,7 +280,7 @@ def _run_pass(step: PassStep, env: dict) -> jax.Array:
 
     def backward(xs, extras, output, relevance):
         # An input broadcast implicitly along size-1 axes gets the relevance of its copies.
-        return (_unbroadcast(relevance, jnp.shape(xs[0])),)
+        return (unbroadcast(relevance, jnp.shape(xs[0])),)
 
     return relevance_call(forward, backward, (env[step.source],), [env[v] for v in step.extras])
 
@@ -308,23 +308,17 @@ def _run_softmax(step: SoftmaxStep, rule, env: dict) -> jax.Array:
     return relevance_call(forward, backward, (env[step.source],), others)
 
 
-def _run_product(step: ProductStep, env: dict) -> jax.Array:
+def _run_product(step: ProductStep, rule, env: dict) -> jax.Array:
     node = step.node
 
     def forward(xs, _):
         return node.bind(*xs)[0]
 
-    def backward(xs, _, output, relevance):
-        return tuple(_unbroadcast(relevance / 2, x.shape) for x in xs)
+    def backward(xs, rule, output, relevance):
+        layer = Layer(lambda inputs, _: node.bind(*inputs)[0], None, output, gates=step.gates)
+        return rule(layer, xs, relevance)
 
-    return relevance_call(forward, backward, tuple(_read(env, a) for a in node.inputs), ())
-
-
-def _unbroadcast(r, shape):
-    extra = r.ndim - len(shape)
-    r = r.sum(axis=tuple(range(extra))) if extra else r
-    axes = tuple(i for i, (a, b) in enumerate(zip(r.shape, shape)) if b == 1 and a != 1)
-    return r.sum(axis=axes, keepdims=True) if axes else r
+    return relevance_call(forward, backward, tuple(_read(env, a) for a in node.inputs), rule)
 
 
 def _run_scan(step: ScanStep, rules: dict, env: dict) -> list:

@@ -48,6 +48,8 @@ class Layer:
         of one), so rules may skip their negative part.
       precise_output: `output` was computed at least as precisely as the rule computes (not in
         bfloat16 or float16), so `x·W'` may be read off it as `output − b'`.
+      gates: for a product of activations (kind "product"), which operands come out of a gate
+        function (`sigmoid(z)`, or `1 − sigmoid(z)`), one flag per input.
     """
 
     linear: Callable[[Inputs, jax.Array | None], jax.Array]
@@ -58,6 +60,7 @@ class Layer:
     signs: tuple[int, ...] = (1,)
     nonnegative_inputs: bool = False
     precise_output: bool = True
+    gates: tuple[bool, ...] = ()
 
     def modified(self, f: Modifier = _identity) -> Callable[[Inputs], jax.Array]:
         """`x ↦ L(x; f(W'))` for an elementwise, positively homogeneous `f` (no bias)."""
@@ -128,6 +131,14 @@ class Layer:
     def bias(self) -> jax.Array | float:
         """The merged bias `b'`, zero when there is none."""
         return 0.0 if self.shift is None else self.shift
+
+
+def unbroadcast(r: jax.Array, shape) -> jax.Array:
+    """`r` summed over the axes along which an input of `shape` was broadcast to `r`'s shape."""
+    extra = r.ndim - len(shape)
+    r = r.sum(axis=tuple(range(extra))) if extra else r
+    axes = tuple(i for i, (a, b) in enumerate(zip(r.shape, shape)) if b == 1 and a != 1)
+    return r.sum(axis=axes, keepdims=True) if axes else r
 
 
 def positive_part(w):

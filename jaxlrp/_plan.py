@@ -132,7 +132,13 @@ class SoftmaxStep:
 
 @dataclasses.dataclass(eq=False)
 class ProductStep:
+    """`a ⊙ b` of two activations (a gate times a signal, a gated MLP's branches): its rule
+    splits the relevance between them; `gates` flags the operands that come out of a gate
+    function."""
+
     node: Node
+    info: LayerInfo
+    gates: tuple[bool, ...]
 
 
 @dataclasses.dataclass(eq=False)
@@ -153,13 +159,13 @@ class Plan:
     steps: dict[Node, object]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
 
-    def table_steps(self) -> list[LinearStep | SoftmaxStep]:
+    def table_steps(self) -> list[LinearStep | SoftmaxStep | ProductStep]:
         """The steps that take rules, the rows of the rule table, in execution order: linear
-        layers (affine maps among them) and softmaxes, scan bodies included."""
+        layers (affine maps among them), softmaxes and products, scan bodies included."""
         out = []
         for node in self.program.nodes:
             step = self.steps.get(node)
-            if isinstance(step, (LinearStep, SoftmaxStep)):
+            if isinstance(step, (LinearStep, SoftmaxStep, ProductStep)):
                 out.append(step)
             elif isinstance(step, ScanStep):
                 out.extend(step.body.table_steps())
@@ -357,7 +363,7 @@ class _Planner:
         elif name == "dot_general" and len(relevant) == 2:  # Q·Kᵀ, A·V
             self._linear([node], relevant, None, "bilinear")
         elif name == "mul" and len(relevant) == 2:
-            self.steps[node] = ProductStep(node)
+            self._product(node)
         elif name in GRADIENT or (node.elementwise and not is_float(out)):
             return
         elif _is_fused_kernel(name):
@@ -591,6 +597,29 @@ class _Planner:
         while chain and not self._merges(chain[-1]):
             chain.pop()
         return chain
+
+    def _product(self, node: Node) -> None:
+        path, module = self.describe(node.scope)
+        gates = tuple(self._is_gate(a) for a in node.inputs)
+        info = LayerInfo(path, module, "product", input_shapes=tuple(tuple(a.shape) for a in node.inputs),
+                         output_shape=tuple(node.outputs[0].shape), gates=tuple(i for i, g in enumerate(gates) if g))
+        self.steps[node] = ProductStep(node, info, gates)
+
+    def _is_gate(self, atom: Atom) -> bool:
+        """Comes out of a gate function: `sigmoid(z)` or `1 − sigmoid(z)` (an LSTM's or GRU's
+        gates), through reshapes and dtype conversions [Arras2017]."""
+        value, _ = self._through(atom, RESHAPING)
+        node = self.producer.get(value) if isinstance(value, Value) else None
+        if node is None:
+            return False
+        if node.name == "logistic":
+            return True
+        if node.elementwise and node.name not in ELEMENTWISE:  # a call such as jax.nn.sigmoid's
+            body, _ = _internals.call_body(node.params)
+            return body is not None and len(body.eqns) == 1 and body.eqns[0].primitive.name == "logistic"
+        if node.name == "sub" and isinstance(node.inputs[0], Const) and np.all(np.asarray(node.inputs[0].value) == 1):
+            return self._is_gate(node.inputs[1])
+        return False
 
     def _scan(self, node: Node) -> None:
         body = self._body_planner(node).plan(self._scan_flags(node))

@@ -18,7 +18,10 @@ TRANSFORMER = ("norm", "bilinear", "softmax")
 # after a ReLU or a residual add, a positional embedding after a token embedding. Pass by
 # default, as zennit (with a warning); the transformer composites give it the ε rule.
 AFFINE_KIND = "affine"
-KINDS = WEIGHTED + FIXED + TRANSFORMER + (AFFINE_KIND,)
+# A product of two activations (an LSTM's or GRU's gate times its signal, squeeze-and-excitation,
+# a gated MLP's branches): `rules.Uniform()` by default, `rules.SignalTakeAll()` to hold the gate.
+PRODUCT = "product"
+KINDS = WEIGHTED + FIXED + TRANSFORMER + (AFFINE_KIND, PRODUCT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +32,9 @@ class LayerInfo:
       path: the `/`-joined module path (Linen), attribute path (NNX) or `jax.named_scope`
         path (plain functions) of the module that holds the layer.
       module: the module's class, or `None` for a plain function.
-      kind: one of "dense", "conv", "sum", "avg_pool", "norm", "bilinear", "softmax", or
-        "affine" (a learned shift no dense or conv layer absorbed).
+      kind: one of "dense", "conv", "sum", "avg_pool", "norm", "bilinear", "softmax",
+        "affine" (a learned shift no dense or conv layer absorbed), or "product" (of two
+        activations).
       merged: paths of the modules folded into this layer (BatchNorm, bias adds, a mean's
         division) that belong to other modules.
       input_shapes: the shapes of the layer's relevance-carrying inputs.
@@ -39,6 +43,8 @@ class LayerInfo:
         path as `jax.tree_util.keystr` writes it (`['w1']`, `.layers[3].weight`), then the
         same `/`-joined (`layers/3/weight`) and the path of the weight's container
         (`.layers[3]`, `layers/3`, Haiku's `mlp/~/linear_2`). `NameMap` matches these too.
+      gates: for a product, the positions of its operands that come out of a gate function
+        (`sigmoid`, `1 − sigmoid`): the operands `rules.SignalTakeAll` gives no relevance.
     """
 
     path: str
@@ -48,6 +54,7 @@ class LayerInfo:
     input_shapes: tuple[tuple[int, ...], ...] = ()
     output_shape: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
+    gates: tuple[int, ...] = ()
 
     @property
     def param(self) -> str:
@@ -81,6 +88,9 @@ class RuleTable:
         if any(info.param for info in self.layers):  # a function's layers: name their weights
             header = (*header[:2], "param", *header[2:])
             rows = [(*r[:2], info.param, *r[2:]) for r, info in zip(rows, self.layers)]
+        if any(info.kind == PRODUCT for info in self.layers):  # which operand of a product is a gate
+            header = (*header, "gate")
+            rows = [(*r, ", ".join(f"input {i}" for i in info.gates)) for r, info in zip(rows, self.layers)]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))

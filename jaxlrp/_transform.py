@@ -18,7 +18,7 @@ from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
 from jaxlrp._program import Traced, Value, from_closed_jaxpr, varying_axes
-from jaxlrp._table import AFFINE_KIND, FIXED, TRANSFORMER, RuleTable
+from jaxlrp._table import AFFINE_KIND, FIXED, PRODUCT, TRANSFORMER, RuleTable
 from jaxlrp.composites import Composite
 
 __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
@@ -288,7 +288,7 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
     for step, rule in zip(steps, chosen):
         info = step.info
         if rule is None:
-            if info.kind not in FIXED + TRANSFORMER + (AFFINE_KIND,):
+            if info.kind not in FIXED + TRANSFORMER + (AFFINE_KIND, PRODUCT):
                 raise ValueError(
                     f"jaxlrp: no rule for layer '{info.path or '<root>'}' ({info.type_name}, kind "
                     f"'{info.kind}'): the composite {composite!r} has none for it. Add one, e.g. "
@@ -297,6 +297,13 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
             rule = _default_rule(info.kind, composite)
         if info.kind == AFFINE_KIND and isinstance(rule, _rules.Pass):
             _warn_unmerged(info)
+        if isinstance(rule, _rules.SignalTakeAll) and (info.kind != PRODUCT or len(info.gates) != 1):
+            found = "not a product" if info.kind != PRODUCT else f"{len(info.gates)} gate operands"
+            raise ValueError(
+                f"jaxlrp: rules.SignalTakeAll at layer '{info.path or '<root>'}' (kind '{info.kind}') needs a "
+                f"product of one gate (sigmoid or 1 − sigmoid) and one signal; found {found}. Give this "
+                f"layer rules.Uniform() (a NameMap on its path) or map only the gated products."
+            )
         if isinstance(rule, _rules.Pass) and info.input_shapes != (info.output_shape,):
             raise ValueError(
                 f"jaxlrp: rules.Pass at layer '{info.path}' needs one input shaped like its output "
@@ -307,8 +314,8 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
 
 
 def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
-    """What a sum, pooling, normalization, bilinear matmul or softmax gets when the composite
-    gives it no rule: the ε-type rules take the composite's stabilizer."""
+    """What a sum, pooling, normalization, bilinear matmul, softmax or product gets when the
+    composite gives it no rule: the ε-type rules take the composite's stabilizer."""
     stabilizer = _rules.DEFAULT_STABILIZER if composite.stabilizer is None else composite.stabilizer
     if kind == "softmax":
         return _rules.Softmax()
@@ -316,6 +323,8 @@ def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
         return _rules.Pass()
     if kind == "bilinear":
         return _rules.Bilinear(stabilizer)
+    if kind == PRODUCT:
+        return _rules.Uniform()
     return _rules.Norm(stabilizer)
 
 

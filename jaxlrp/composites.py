@@ -3,7 +3,8 @@
 A composite maps the model's layers (in execution order, see `jaxlrp.rule_table`) to rules:
 
 * `LayerMap({key: rule}, first=...)` by layer type. A key is a layer kind (`"dense"`,
-  `"conv"`, `"sum"`, `"avg_pool"`, `"norm"`, `"bilinear"`, `"softmax"`, `"affine"`), a module class (`nn.Dense`, `nn.Conv`, matched with
+  `"conv"`, `"sum"`, `"avg_pool"`, `"norm"`, `"bilinear"`, `"softmax"`, `"affine"`,
+  `"product"`), a module class (`nn.Dense`, `nn.Conv`, matched with
   `issubclass` on the innermost module that holds a dense or conv layer), or a tuple of keys.
   `first` is the rule for the first dense or conv layer in execution order, or a mapping
   `{key: rule}` for the first layer matching any of its keys (zennit's first-layer map).
@@ -15,8 +16,8 @@ A composite maps the model's layers (in execution order, see `jaxlrp.rule_table`
 
 What no composite covers gets the defaults: activations Pass, sums, means, average pooling and
 residual adds `Norm(stabilizer)` with the composite's `stabilizer` (1e-6 when it sets none;
-in `combine`, the first that sets one), max pooling its gradient; a dense or conv layer with
-no rule is an error. Composites are pytrees whose leaves are their rules' hyperparameters.
+in `combine`, the first that sets one), products of two activations `Uniform()`, max pooling
+its gradient; a dense or conv layer with no rule is an error. Composites are pytrees whose leaves are their rules' hyperparameters.
 
 The named composites follow zennit 0.5.1 (dense means `nn.Dense`, `nn.DenseGeneral`,
 `nn.Einsum`; conv means `nn.Conv` of any rank and `nn.ConvTranspose`):

@@ -31,6 +31,8 @@ References:
     ICML 2024.
   [Ali2022] A. Ali, T. Schnake, O. Eberle, G. Montavon, K.-R. Müller, L. Wolf. XAI for
     transformers: better explanations through conservative propagation. ICML 2022.
+  [Arras2017] L. Arras, G. Montavon, K.-R. Müller, W. Samek. Explaining recurrent neural
+    network predictions in sentiment analysis. EMNLP Workshop WASSA, 2017.
   [Anders2021] C. J. Anders, D. Neumann, W. Samek, K.-R. Müller, S. Lapuschkin. Software for
     dataset-wide XAI: from local explanations to global insights with Zennit, CoRelAy, and
     ViRelAy. arXiv:2106.13200, 2021.
@@ -44,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp._layer import Inputs, Layer, negative_part, positive_part
+from jaxlrp._layer import Inputs, Layer, negative_part, positive_part, unbroadcast
 
 __all__ = [
     "Rule",
@@ -59,6 +61,8 @@ __all__ = [
     "Pass",
     "Bilinear",
     "Softmax",
+    "Uniform",
+    "SignalTakeAll",
     "stabilize",
 ]
 
@@ -403,3 +407,34 @@ class Softmax(Rule):
         x = jnp.where(masked, 0, x).astype(relevance.dtype)
         total = layer.linear((relevance,), None)  # Σ R over the softmax axes, kept as size 1
         return (x * (relevance - layer.output * total),)
+
+
+@_rule
+class Uniform(Rule):
+    """A product of two activations `z = a ⊙ b`, split evenly [Achtibat2024, Prop. 3.3's
+    uniform rule]: `R_a = R_b = R / 2` (summed over the axes an operand was broadcast along).
+    Conservative; the default for every product (an LSTM's gate times its signal, a SiLU-gated
+    MLP's branches, squeeze-and-excitation).
+
+    >>> composites.LayerMap({"product": rules.Uniform()})
+    """
+
+    def __call__(self, layer, inputs, relevance):
+        return tuple(unbroadcast(relevance / len(inputs), jnp.shape(x)).astype(x.dtype) for x in inputs)
+
+
+@_rule
+class SignalTakeAll(Rule):
+    """A gate times a signal, `z = g ⊙ h` with `g = sigmoid(·)` or `1 − sigmoid(·)`: the gate
+    takes no relevance and the signal takes all of it [Arras2017]: `R_g = 0`, `R_h = R`. The
+    rule table names the gate (column "gate"); a product with no gate operand, or two, is an
+    error when the rule is resolved.
+
+    >>> composites.combine(composites.LayerMap({"product": rules.SignalTakeAll()}), composites.EpsilonPlus())
+    """
+
+    def __call__(self, layer, inputs, relevance):
+        if sum(layer.gates) != 1 or len(inputs) != 2:
+            raise ValueError(f"SignalTakeAll needs a product of one gate and one signal; the gates are {layer.gates}.")
+        return tuple((jnp.zeros_like(x) if gate else unbroadcast(relevance, jnp.shape(x)).astype(x.dtype))
+                     for x, gate in zip(inputs, layer.gates))
