@@ -427,14 +427,26 @@ class _Planner:
                 source = shift.inputs[0]
             if len(self.uses[numerator]) != 2 or any(len(self.uses[n.outputs[0]]) != 1 for n in nodes[:-1] if n not in (exp,)):
                 continue
-            if "softmax" in self.hold:  # held where it is used, past reshapes and conversions
-                value = node.outputs[0]
-                while len(self.uses[value]) == 1 and getattr(self.uses[value][0], "name", None) in RESHAPING:
-                    value = self.uses[value][0].outputs[0]
+            if "softmax" in self.hold:  # held where it is used
+                value = self._as_used(node.outputs[0])
                 self.held.update((user, i) for user in self.uses[value] if user is not None
                                  for i, a in enumerate(user.inputs) if a is value)
                 continue
             self._claim(nodes, lambda nodes=nodes, source=source, axes=_internals.reduce_axes(reduce.params): self._softmax(nodes, source, axes))
+
+    def _as_used(self, value: Value) -> Value:
+        """A softmax's output as its users read it: past reshapes, dtype conversions and a mask
+        multiplied in afterwards (`keras.layers.Softmax(mask=...)`), each its single use."""
+        while len(self.uses[value]) == 1 and (user := self.uses[value][0]) is not None:
+            others = [a for a in user.inputs if a is not value]
+            if user.name in RESHAPING and len(user.inputs) == 1:
+                pass
+            elif user.name == "mul" and len(others) == 1 and not self.carries(others[0]):
+                pass
+            else:
+                break
+            value = user.outputs[0]
+        return value
 
     def _softmax(self, nodes: list[Node], source: Value, axes: tuple[int, ...]) -> None:
         if not self.carries(nodes[-1].outputs[0]):  # under a stop_gradient: computed as it is
