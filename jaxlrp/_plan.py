@@ -50,7 +50,9 @@ from jaxlrp._table import AFFINE_KIND, LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
 WEIGHTED_KINDS = frozenset(WEIGHTED_PRIMITIVES.values())
-FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool"}
+# `scatter-add` (`jax.ops.segment_sum`, `x.at[i].add(v)`: message passing) is linear in its
+# operand and updates jointly, its indices structure.
+FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool", "scatter-add": "sum"}
 AFFINE = frozenset("add sub mul div neg".split())
 SCALING = frozenset("mul div neg".split())
 STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
@@ -60,8 +62,8 @@ VALUE_PRESERVING = frozenset("convert_element_type copy".split())
 RESHAPING = STRUCTURAL | VALUE_PRESERVING
 GRADIENT = frozenset(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
-    dynamic_update_slice gather pad rev select_n max min reduce_max reduce_min reduce_window_max
-    reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
+    dynamic_update_slice gather scatter scatter-max scatter-min pad rev select_n max min reduce_max
+    reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
     stop_gradient optimization_barrier pvary pcast""".split()
 )
 TAPS = frozenset("gather dynamic_slice".split())

@@ -168,6 +168,7 @@ CATALOGUE = {
     "mean and var": lambda x: (x - x.mean(-1, keepdims=True)) * lax.rsqrt(x.var(-1, keepdims=True) + 1e-6),
     "max_pool": lambda x: nn.max_pool(x[..., None], (2,), (2,)),
     "avg_pool": lambda x: nn.avg_pool(x[..., None], (2,), (2,)),
+    "segment_sum, segment_max": lambda x: jax.ops.segment_sum(x, jnp.array([0, 1]), 2) + jax.ops.segment_max(x, jnp.array([1, 1]), 2),
     "stack": lambda x: jnp.stack([x, -x], axis=-1).reshape(x.shape[0], -1),
     "concatenate, pad, flip": lambda x: jnp.flip(jnp.pad(jnp.concatenate([x, x], -1), ((0, 0), (1, 1))), -1),
     "where, clip": lambda x: jnp.clip(jnp.where(x > 0, x, 0.5 * x), -1, 1),

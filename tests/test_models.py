@@ -479,3 +479,29 @@ def test_an_activation_broadcast_along_size_one_axes():
     got = jaxlrp.lrp_fn(implicit, composite)(params, x, target=0)
     np.testing.assert_allclose(got, jaxlrp.lrp_fn(explicit, composite)(params, x, target=0), rtol=1e-12, atol=1e-15)
     assert float(jnp.abs(got).sum()) > 0
+
+
+def test_message_passing_with_segment_sum_and_segment_max():
+    """A graph network written with `jax.ops.segment_sum` (scatter-add: a fixed linear map, its
+    indices structure), `segment_max` and `.at[].set` (selections). The network is bias-free
+    and piecewise linear, so LRP-0 equals gradient × input; the sums are rows of the table."""
+    senders, receivers = jnp.array([0, 1, 2, 2, 3, 4]), jnp.array([1, 2, 0, 3, 1, 4])
+    graph_of_node = jnp.array([0, 0, 0, 1, 1])
+
+    def gnn(params, x):
+        h = x @ params["w1"]
+        messages = jax.ops.segment_sum(h[senders], receivers, num_segments=5)
+        h = jax.nn.relu(messages @ params["w2"] + h)
+        h = h.at[4].set(h[3])  # an overwritten node
+        pooled = jax.ops.segment_max(h, graph_of_node, num_segments=2)
+        return pooled @ params["w3"]
+
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.normal(size=s)) for k, s in {"w1": (3, 6), "w2": (6, 6), "w3": (6, 2)}.items()}
+    x = jnp.asarray(rng.normal(size=(5, 3)))
+    table = jaxlrp.rule_table(gnn, composites.EpsilonPlus(), params, x)
+    assert [info.kind for info in table.layers].count("sum") == 2  # the messages' sum, the residual add
+    relevance = jaxlrp.lrp_fn(gnn, composites.LRP0())(params, x, target=jnp.array([1, 0]))
+    seed = jax.nn.one_hot(jnp.array([1, 0]), 2, dtype=x.dtype)
+    gradient = jax.grad(lambda x: jnp.sum(gnn(params, x) * seed))(x)
+    np.testing.assert_allclose(relevance, gradient * x, rtol=1e-9, atol=1e-12)
