@@ -40,6 +40,7 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
@@ -631,7 +632,8 @@ class _Planner:
         if node.elementwise and node.name not in ELEMENTWISE:  # a call such as jax.nn.sigmoid's
             body, _ = _internals.call_body(node.params)
             return body is not None and len(body.eqns) == 1 and body.eqns[0].primitive.name == "logistic"
-        if node.name == "sub" and isinstance(node.inputs[0], Const) and np.all(np.asarray(node.inputs[0].value) == 1):
+        one = _known(node.inputs[0])
+        if node.name == "sub" and one is not None and np.all(one == 1):
             return self._is_gate(node.inputs[1])
         return False
 
@@ -679,8 +681,17 @@ def _is_fused_kernel(name: str) -> bool:
     return name in ("pallas_call", "custom_call", "ffi_call") or name.startswith(("dot_product_attention", "cudnn"))
 
 
+def _known(atom: Atom):
+    """A constant's value when it is known at planning time, else None (a traced array that the
+    model closes over, such as a keyword argument passed inside `jit`)."""
+    if not isinstance(atom, Const) or isinstance(atom.value, jax.core.Tracer):
+        return None
+    return np.asarray(atom.value)
+
+
 def _nonnegative_const(atom: Atom) -> bool:
-    return isinstance(atom, Const) and bool(np.all(np.asarray(atom.value) >= 0))
+    value = _known(atom)
+    return value is not None and bool(np.all(value >= 0))
 
 
 def _is_relu_jaxpr(jaxpr) -> bool:

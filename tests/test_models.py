@@ -505,3 +505,27 @@ def test_message_passing_with_segment_sum_and_segment_max():
     seed = jax.nn.one_hot(jnp.array([1, 0]), 2, dtype=x.dtype)
     gradient = jax.grad(lambda x: jnp.sum(gnn(params, x) * seed))(x)
     np.testing.assert_allclose(relevance, gradient * x, rtol=1e-9, atol=1e-12)
+
+
+class DenseAdjacency(nn.Module):
+    """Graph convolution with a dense adjacency passed as a keyword argument and reshaped."""
+
+    @nn.compact
+    def __call__(self, x, adj):
+        h = nn.relu(nn.Dense(4, use_bias=False)(x))
+        h = (adj[:, :, :, None] * h[:, None, :, :]).sum(2)
+        return nn.Dense(2, use_bias=False)(h.mean(1))
+
+
+def test_a_float_keyword_argument_the_model_reshapes():
+    """The adjacency is traced when passed inside `jit` (before: TracerArrayConversionError
+    while planning); LRP-0 equals gradient × input either way."""
+    model = DenseAdjacency()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3), jnp.float64)
+    adj = jax.random.uniform(jax.random.PRNGKey(2), (2, 5, 5), jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x, adj))
+    explain = jaxlrp.lrp(model, composites.LRP0())
+    traced = jax.jit(lambda v, x, a: explain(v, x, 1, adj=a))(variables, x, adj)
+    gradient = jax.grad(lambda x: model.apply(variables, x, adj)[:, 1].sum())(x)
+    np.testing.assert_allclose(traced, gradient * x, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(explain(variables, x, 1, adj=adj), traced, rtol=1e-12, atol=1e-14)
