@@ -13,8 +13,8 @@ fails there, by name, instead of as a wrong heatmap:
   `bind`'s keyword arguments (a call primitive holds a jaxpr where `bind` takes a function);
   rules bind the traced primitive again on modified weights (`bind`). jax 0.8 returns
   `(subfuns, params)`, jax 0.10 the params alone.
-* **Primitive parameter layouts**: a call's body (`jaxpr` or `call_jaxpr`, closed or open:
-  `call_body`); `scan`'s `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll`
+* **Primitive parameter layouts**: a call's body (`jaxpr` or `call_jaxpr`, closed or open, or
+  under `jax_remat3` the `jaxpr` of a `call_hi_primitive`'s `_prim`: `call_body`); `scan`'s `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll`
   (`scan_layout`); `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
   `feature_group_count`, `batch_group_count` (`conv_layout`); `dot_general`'s
   `dimension_numbers` as `((lhs contracting, rhs contracting), (lhs batch, rhs batch))`
@@ -59,8 +59,11 @@ def with_accumulation(params: dict, dtype) -> dict:
 
 def call_body(params: dict) -> tuple[core.Jaxpr | None, list]:
     """The body of a call primitive (`jit`, `custom_jvp_call`, `remat`, ...) and its constants;
-    `(None, [])` for a primitive that holds none."""
+    `(None, [])` for a primitive that holds none. Under `jax_remat3` (jax 0.10), `jax.checkpoint`
+    is a `call_hi_primitive` whose `_prim` holds the body in its own `params`."""
     inner = params.get("jaxpr", params.get("call_jaxpr"))
+    if inner is None and "_prim" in params:
+        inner = (getattr(params["_prim"], "params", None) or {}).get("jaxpr")
     if isinstance(inner, core.ClosedJaxpr):
         return inner.jaxpr, list(inner.consts)
     return inner, []

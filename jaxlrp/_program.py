@@ -31,7 +31,7 @@ ELEMENTWISE = frozenset(
 # Calls whose body is inlined (or, when elementwise, kept as one node).
 CALLS = frozenset(
     "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
-    "remat2 checkpoint".split()
+    "remat2 checkpoint call_hi_primitive".split()
 )
 
 
@@ -129,7 +129,8 @@ def _is_elementwise_eqn(eqn) -> bool:
     if name in ELEMENTWISE:
         return True
     if name in CALLS:
-        return _is_elementwise_jaxpr(_internals.call_body(eqn.params)[0])
+        body, _ = _internals.call_body(eqn.params)
+        return body is not None and _is_elementwise_jaxpr(body)
     return False
 
 
@@ -157,8 +158,8 @@ def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> l
         ins = tuple(read(v) for v in eqn.invars)
         eqn_scope = _join(scope, _internals.name_stack(eqn))
         name = eqn.primitive.name
-        if name in CALLS and not _is_elementwise_eqn(eqn):
-            inner, inner_consts = _internals.call_body(eqn.params)
+        inner, inner_consts = _internals.call_body(eqn.params) if name in CALLS else (None, [])
+        if inner is not None and not _is_elementwise_eqn(eqn):
             outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
         else:
             body = from_closed_jaxpr(_internals.scan_layout(eqn.params).body, eqn_scope) if name == "scan" else None

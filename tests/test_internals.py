@@ -71,6 +71,23 @@ def test_call_body_and_rebinding_a_call(name):
     np.testing.assert_allclose(out[0], calls[name](x))
 
 
+@pytest.mark.skipif(not hasattr(jax.config, "jax_remat3"), reason="jax_remat3 exists from jax 0.10")
+def test_call_body_of_checkpoint_under_remat3():
+    """`jax_remat3` turns `jax.checkpoint` into a `call_hi_primitive` whose `_prim` holds the body."""
+    jax.config.update("jax_remat3", True)
+    try:
+        w = jnp.arange(3.0)
+        fn = jax.checkpoint(lambda x, y: (jnp.sin(x) * y) @ w)
+        (eqn,) = _eqns(fn, jnp.ones(3), 2.0)
+        assert eqn.primitive.name == "call_hi_primitive" and eqn.primitive.name in _program.CALLS
+        body, consts = _internals.call_body(eqn.params)
+        assert "sin" in {e.primitive.name for e in body.eqns} and len(body.invars) == len(eqn.invars)
+        program = _program.from_closed_jaxpr(jax.make_jaxpr(fn)(jnp.ones(3), 2.0))
+        assert "call_hi_primitive" not in {n.name for n in program.nodes}  # inlined
+    finally:
+        jax.config.update("jax_remat3", False)
+
+
 def test_call_body_of_a_primitive_that_holds_none():
     assert _internals.call_body(_only(jnp.sin, 1.0, name="sin").params) == (None, [])
 

@@ -149,8 +149,25 @@ class Stack(nn.Module):
         return nn.Dense(2, name="head")(x)
 
 
-@pytest.mark.parametrize("mode", ["scan", "remat"])
+# jax 0.10's `jax_remat3` makes `jax.checkpoint` a `call_hi_primitive`; older JAX has no such option.
+REMAT3 = ["remat3"] if hasattr(jax.config, "jax_remat3") else []
+
+
+@pytest.mark.parametrize("mode", ["scan", "remat", *REMAT3])
 def test_scan_and_remat_equal_the_unrolled_model(mode):
+    if mode != "remat3":
+        return _scan_or_remat_equals_unrolled(mode)
+    jax.config.update("jax_remat3", True)
+    try:
+        variables, x = models.init(Stack("remat"), (3, 4))
+        jaxpr = jax.make_jaxpr(lambda v, x: Stack("remat").apply(v, x))(variables, x)
+        assert "call_hi_primitive" in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+        _scan_or_remat_equals_unrolled("remat")
+    finally:
+        jax.config.update("jax_remat3", False)
+
+
+def _scan_or_remat_equals_unrolled(mode):
     model = Stack(mode)
     variables, x = models.init(model, (3, 4))
     if mode == "scan":
