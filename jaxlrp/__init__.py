@@ -8,12 +8,14 @@
 
 See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them,
 `jaxlrp.attribution` for baselines, `jaxlrp.evaluate` for faithfulness, `jaxlrp.concepts` for
-concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for pictures.
+concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for pictures,
+`jaxlrp.extend` to teach jaxlrp new primitives (and `jaxlrp.rules.rule` for new rules).
 """
 
-from jaxlrp import attribution, composites, concepts, evaluate, rules, viz
+from jaxlrp import attribution, composites, concepts, evaluate, extend, rules, viz
 from jaxlrp._dataset import explain_dataset
 from jaxlrp._hooks import Explanation
+from jaxlrp._layer import Layer
 from jaxlrp._plan import UnsupportedOperation
 from jaxlrp._table import LayerInfo, RuleTable
 from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Explanation",
+    "Layer",
     "LayerInfo",
     "RuleTable",
     "UnmergedAffineWarning",
@@ -31,6 +34,7 @@ __all__ = [
     "concepts",
     "evaluate",
     "explain_dataset",
+    "extend",
     "lrp",
     "lrp_fn",
     "output_and_lrp",

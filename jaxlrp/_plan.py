@@ -51,8 +51,9 @@ from jaxlrp._table import AFFINE_KIND, LayerInfo
 
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
 WEIGHTED_KINDS = frozenset(WEIGHTED_PRIMITIVES.values())
-# `scatter-add` (`jax.ops.segment_sum`, `x.at[i].add(v)`: message passing) is linear in its
-# operand and updates jointly, its indices structure.
+# Fixed linear maps by primitive: linear in their activation operands jointly, every other
+# operand a constant. `scatter-add` (`jax.ops.segment_sum`, `x.at[i].add(v)`: message passing)
+# is one, its indices structure. A table: `jaxlrp.extend.register_linear` adds to it.
 FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool", "scatter-add": "sum"}
 AFFINE = frozenset("add sub mul div neg".split())
 SCALING = frozenset("mul div neg".split())
@@ -61,7 +62,9 @@ STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".
 VALUE_PRESERVING = frozenset("convert_element_type copy".split())
 # What a layer's chain and a weight's name look through.
 RESHAPING = STRUCTURAL | VALUE_PRESERVING
-GRADIENT = frozenset(
+# Selections and data movement: relevance follows the gradient. A table:
+# `jaxlrp.extend.register_passthrough` adds to it.
+GRADIENT = set(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
     dynamic_update_slice gather scatter scatter-max scatter-min pad rev select_n max min reduce_max
     reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
@@ -378,10 +381,15 @@ class _Planner:
             )
         else:
             raise UnsupportedOperation(
-                f"jaxlrp does not know how relevance passes through `{name}` in {self._where(node)}. "
-                f"Supported between layers: elementwise activations, sums and means, residual adds, "
-                f"average and max pooling, products of two activations, reshapes, slicing, "
-                f"concatenation and padding."
+                f"jaxlrp does not know how relevance passes through `{name}` in {self._where(node)} "
+                f"(inputs {[tuple(a.shape) for a in node.inputs]}, output {tuple(out.shape)}). Supported "
+                f"between layers: elementwise activations, sums and means, residual adds, pooling, "
+                f"products of two activations, reshapes, slicing, concatenation and padding. To teach "
+                f"jaxlrp this primitive, register it once: jaxlrp.extend.register_elementwise({name!r}) "
+                f"if it acts element by element (relevance passes, as through an activation), "
+                f"register_passthrough({name!r}) if it selects or moves values (relevance follows the "
+                f"gradient), register_linear({name!r}) if it is linear in its activation operands (a "
+                f"fixed map, kind 'sum')."
             )
 
     # ---- Operations recognised as a group of nodes, before the rest is classified ----------

@@ -20,7 +20,8 @@ from jax.extend import core
 from jaxlrp import _internals
 
 # Primitives that act element by element: output element i depends on input element i only.
-ELEMENTWISE = frozenset(
+# A table: `jaxlrp.extend.register_elementwise` adds to it.
+ELEMENTWISE = set(
     """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
     copy cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag
     integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or

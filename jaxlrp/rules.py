@@ -50,6 +50,7 @@ from jaxlrp._layer import Inputs, Layer, negative_part, positive_part, unbroadca
 
 __all__ = [
     "Rule",
+    "rule",
     "Epsilon",
     "ZPlus",
     "AlphaBeta",
@@ -72,20 +73,28 @@ __all__ = [
 DEFAULT_STABILIZER = 1e-6
 
 
-def _rule(cls):
-    """A frozen dataclass registered as a pytree whose fields are all leaves.
+def rule(cls):
+    """Makes a `Rule` subclass a rule: a frozen dataclass registered as a pytree whose fields
+    are all leaves, so that it works in any composite, under `jit`, `vmap` over its fields and
+    `grad` with respect to them, as the built-in rules do.
 
     Unflattening bypasses `__init__`, so that the checks in `__post_init__` see only what a user
     builds, never the zero cotangents or batched placeholders that JAX rebuilds a rule from.
+
+    >>> @rules.rule
+    ... class HalfEpsilon(rules.Rule):
+    ...     epsilon: float = 1e-6
+    ...     def __call__(self, layer, inputs, relevance):
+    ...         return rules.Epsilon(self.epsilon)(layer, inputs, relevance / 2)
     """
     cls = dataclasses.dataclass(frozen=True)(cls)
     names = tuple(f.name for f in dataclasses.fields(cls))
 
     def unflatten(_, leaves):
-        rule = object.__new__(cls)
+        instance = object.__new__(cls)
         for name, leaf in zip(names, leaves):
-            object.__setattr__(rule, name, leaf)
-        return rule
+            object.__setattr__(instance, name, leaf)
+        return instance
 
     jax.tree_util.register_pytree_node(cls, lambda r: (tuple(getattr(r, n) for n in names), None), unflatten)
     return cls
@@ -183,7 +192,7 @@ class Rule:
         raise NotImplementedError
 
 
-@_rule
+@rule
 class Epsilon(Rule):
     """LRP-ε [Bach2015]: `z = x·W' + b'`, `R_in = x ⊙ (s·W')` with `s = R / stab(z, ε)`.
 
@@ -201,7 +210,7 @@ class Epsilon(Rule):
         return _mul(inputs, back(s))
 
 
-@_rule
+@rule
 class ZPlus(Rule):
     """z⁺ rule [Montavon2017]: only contributions that raise the output.
 
@@ -218,7 +227,7 @@ class ZPlus(Rule):
         return back(_divide(relevance, stabilize(z + jnp.maximum(layer.bias, 0), self.stabilizer)))
 
 
-@_rule
+@rule
 class AlphaBeta(Rule):
     """LRP-αβ [Bach2015]: positive and negative contributions weighted by α and β.
 
@@ -257,7 +266,7 @@ class AlphaBeta(Rule):
         return _sub(_scale(self.alpha, back_alpha(s_alpha)), _scale(self.beta, back_beta(s_beta)))
 
 
-@_rule
+@rule
 class Gamma(Rule):
     """LRP-γ [Montavon2019]: favours positive contributions by γ, sign-aware.
 
@@ -293,7 +302,7 @@ class Gamma(Rule):
         return _add(back_up(s_up), back_down(s_down))
 
 
-@_rule
+@rule
 class ZBox(Rule):
     """z^B rule [Montavon2017] for inputs bounded by `low ≤ x ≤ high` (e.g. pixels).
 
@@ -318,7 +327,7 @@ class ZBox(Rule):
         return _sub(_sub(_mul(inputs, back_x(s)), _mul(low, back_l(s))), _mul(high, back_h(s)))
 
 
-@_rule
+@rule
 class WSquare(Rule):
     """w² rule [Montavon2017]: relevance by squared weights, independent of the input.
 
@@ -333,7 +342,7 @@ class WSquare(Rule):
         return back(s)
 
 
-@_rule
+@rule
 class Flat(Rule):
     """Flat rule [Lapuschkin2019]: relevance spread evenly over each output's receptive field.
 
@@ -347,7 +356,7 @@ class Flat(Rule):
         return back(_divide(relevance, stabilize(z, self.stabilizer)))
 
 
-@_rule
+@rule
 class Norm(Rule):
     """Normalize by the output [Anders2021]: each input's share of the layer's own output.
 
@@ -361,7 +370,7 @@ class Norm(Rule):
         return Epsilon(self.stabilizer)(layer, inputs, relevance)
 
 
-@_rule
+@rule
 class Pass(Rule):
     """Pass the relevance on unchanged: `R_in = R_out`. For activations and layers whose input
     and output have the same shape."""
@@ -375,7 +384,7 @@ class Pass(Rule):
         return (relevance.astype(inputs[0].dtype),)
 
 
-@_rule
+@rule
 class Bilinear(Rule):
     """A product of two activations by a matmul (Q·Kᵀ, A·V) [Achtibat2024, Prop. 3.3]: the ε
     rule on the product, then half to each operand.
@@ -392,7 +401,7 @@ class Bilinear(Rule):
         return _mul(inputs, back(s))
 
 
-@_rule
+@rule
 class Softmax(Rule):
     """The softmax rule [Achtibat2024, Prop. 3.1]: with `x` the input and `s` the output,
     `R_in = x ⊙ (R − s ⊙ Σ R)`, the sum over the softmax axes. Masked entries (−inf, or a large
@@ -409,7 +418,7 @@ class Softmax(Rule):
         return (x * (relevance - layer.output * total),)
 
 
-@_rule
+@rule
 class Uniform(Rule):
     """A product of two activations `z = a ⊙ b`, split evenly [Achtibat2024, Prop. 3.3's
     uniform rule]: `R_a = R_b = R / 2` (summed over the axes an operand was broadcast along).
@@ -423,7 +432,7 @@ class Uniform(Rule):
         return tuple(unbroadcast(relevance / len(inputs), jnp.shape(x)).astype(x.dtype) for x in inputs)
 
 
-@_rule
+@rule
 class SignalTakeAll(Rule):
     """A gate times a signal, `z = g ⊙ h` with `g = sigmoid(·)` or `1 − sigmoid(·)`: the gate
     takes no relevance and the signal takes all of it [Arras2017]: `R_g = 0`, `R_h = R`. The

@@ -1,0 +1,70 @@
+"""Teaching jaxlrp operations it does not know: one registration per primitive.
+
+What jaxlrp knows of a primitive is one entry in a table keyed by the primitive's name (the
+name an `UnsupportedOperation` error gives, `eqn.primitive.name` in a jaxpr), the way JAX
+keeps its own rules per primitive (`ad.primitive_jvps[p]`, `batching.primitive_batchers[p]`).
+The built-in operations are entries of the same tables. Register once, at import time of the
+code that defines the primitive:
+
+* `register_elementwise(name)`: output element i depends on input element i only (an
+  activation written as a primitive of its own). It joins the elementwise region of its
+  input, and relevance passes through it unchanged (the `Pass` rule of activations).
+* `register_passthrough(name)`: a selection or data movement (a custom gather, a sort, a
+  permutation). Relevance follows the gradient: each output's relevance goes to the input
+  values it was taken from. The primitive needs a JVP (or transpose) rule, as for `jax.grad`.
+* `register_linear(name)`: linear in its activation operands jointly, its other operands
+  constants (a fixed map: a custom pooling, a scatter, a fixed filter). It becomes a layer of
+  kind "sum" in the rule table, `Norm` by default; its map and VJP come from JAX, so it needs
+  a transpose rule, as for `jax.grad`.
+
+A rule for a new kind of operation is a subclass of `jaxlrp.rules.Rule` decorated with
+`jaxlrp.rules.rule`; it sees each layer as a `jaxlrp.Layer`.
+
+    from jaxlrp import extend
+    extend.register_passthrough("my_gather")
+"""
+
+from __future__ import annotations
+
+from jaxlrp import _plan, _program
+
+__all__ = ["register_elementwise", "register_linear", "register_passthrough"]
+
+
+def _tables() -> dict[str, object]:
+    return {
+        "elementwise": _program.ELEMENTWISE,
+        "passthrough": _plan.GRADIENT,
+        "linear": _plan.FIXED_PRIMITIVES,
+        "weighted (dense/conv)": _plan.WEIGHTED_PRIMITIVES,
+        "call (inlined)": _program.CALLS,
+    }
+
+
+def _check(name: str, table: str) -> bool:
+    """Whether `name` is already in `table`; an error if it is in another one."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"jaxlrp.extend: a primitive is registered by its name (a str), got {name!r}.")
+    known = [t for t, entries in _tables().items() if name in entries]
+    if known and known != [table]:
+        raise ValueError(f"jaxlrp.extend: primitive {name!r} is already registered as {known[0]}; "
+                         f"it cannot also be {table}.")
+    return bool(known)
+
+
+def register_elementwise(name: str) -> None:
+    """Registers primitive `name` as acting element by element: relevance passes through it."""
+    if not _check(name, "elementwise"):
+        _program.ELEMENTWISE.add(name)
+
+
+def register_passthrough(name: str) -> None:
+    """Registers primitive `name` as a selection: relevance follows its gradient."""
+    if not _check(name, "passthrough"):
+        _plan.GRADIENT.add(name)
+
+
+def register_linear(name: str) -> None:
+    """Registers primitive `name` as linear in its activation operands: a layer of kind "sum"."""
+    if not _check(name, "linear"):
+        _plan.FIXED_PRIMITIVES[name] = "sum"
