@@ -118,9 +118,9 @@ def _within(path: str, module: str) -> bool:
 
 def _carried(plan: Plan) -> set[Value]:
     """The floating-point values that relevance flows through: everything computed from the
-    explained input (the last program input), as the plan's steps and nodes see it."""
+    explained inputs (every leaf of a tuple or dict input), as the plan's steps and nodes see it."""
     program = plan.program
-    reached = {program.inputs[-1]}
+    reached = set(plan.explained or program.inputs[-1:])
     for node in program.nodes:
         if any(a in reached for a in node.inputs if isinstance(a, Value)):
             reached.update(v for v in node.outputs if jnp.issubdtype(v.aval.dtype, jnp.floating))

@@ -164,6 +164,7 @@ class Plan:
     program: Program
     steps: dict[Node, object]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
+    explained: tuple[Value, ...] = ()  # the program inputs that are explained (every leaf of x)
 
     def table_steps(self) -> list[LinearStep | SoftmaxStep | ProductStep]:
         """The steps that take rules, the rows of the rule table, in execution order: linear
@@ -250,7 +251,8 @@ class _Planner:
             elif node not in self.absorbed:
                 self._classify(node)
         self._add_pass_steps()
-        return Plan(self.program, self.steps, self.skipped)
+        explained = tuple(v for v, a in zip(self.program.inputs, active) if a)
+        return Plan(self.program, self.steps, self.skipped, explained)
 
     def output_carries(self) -> list[bool]:
         return [self.carries(a) for a in self.program.outputs]

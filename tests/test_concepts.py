@@ -255,6 +255,19 @@ def test_each_leaf_equals_explaining_it_with_the_others_held_fixed(several):
     np.testing.assert_allclose(vector, together["vector"], rtol=1e-12, atol=1e-15)
 
 
+def test_record_with_a_dict_input(several):
+    """Module outputs reached from any leaf of the input are recorded (before: only those of
+    the last leaf; the image's dense layer "matched no module output"). LRP-0 without biases
+    conserves: what arrives at the image's dense layer leaves through the image."""
+    x, variables = several
+    target = jnp.array([0, 3])
+    explanation = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0(), record=("Dense_0", "Dense_1"))(variables, x, target)
+    seed = ImageVectorTokens().apply(variables, x)[jnp.arange(2), target]
+    np.testing.assert_allclose(explanation.layers["Dense_1"].sum(-1), seed, rtol=1e-12)
+    np.testing.assert_allclose(explanation.layers["Dense_0"].sum(-1), explanation.input["image"].sum((1, 2, 3)), rtol=1e-10)
+    assert explanation.activations["Dense_0"].shape == (2, 6)
+
+
 @pytest.mark.parametrize("by, reduce, sharded", [("relevance", "sum", False), ("activation", "max", True)])
 def test_relevance_maximization_equals_brute_force(linen, by, reduce, sharded):
     _, variables, _, _ = linen
