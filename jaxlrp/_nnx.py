@@ -23,20 +23,20 @@ from jaxlrp._program import Traced
 _NNX_API = frozenset(name for name in dir(nnx.Module) if not name.startswith("_"))
 
 
-def _marked(method, index: int):
+def _marked(method, path: str, cls: type):
     def call(self, *args, **kwargs):
-        with mark_scope(index):
+        with mark_scope(path, cls):
             return method(self, *args, **kwargs)
 
     return call
 
 
-def _mark(module: nnx.Module, index: int) -> None:
+def _mark(module: nnx.Module, path: str) -> None:
     """Gives `module` (a copy's) a one-off subclass whose public methods and `__call__` mark
-    the name stack with record `index`."""
+    the name stack with its path and class."""
     cls = type(module)
     methods = {
-        name: _marked(getattr(cls, name), index)
+        name: _marked(getattr(cls, name), path, cls)
         for name in dir(cls)
         if (name == "__call__" or not name.startswith("_"))
         and inspect.isfunction(getattr(cls, name, None))
@@ -47,16 +47,13 @@ def _mark(module: nnx.Module, index: int) -> None:
 
 def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict) -> Traced:
     """Traces the model built from `(graphdef, state)` on `x`, with its module calls marked."""
-    records: list[tuple[str, type]] = []
-
     def apply(state, x):
         model = nnx.merge(graphdef, state)
         model.eval()
         modules = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
         for path, node in modules:
-            records.append(("/".join(map(str, path)), type(node)))
-            _mark(node, len(records) - 1)
+            _mark(node, "/".join(map(str, path)))
         return model(x, **call_kwargs)
 
     closed = jax.make_jaxpr(apply)(state, x)
-    return Traced(closed, jax.tree.leaves(state), describe_marks(records))
+    return Traced(closed, jax.tree.leaves(state), describe_marks())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
-import warnings
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -13,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, rules as _rules
+from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, _warn, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
@@ -249,28 +247,19 @@ def _plan(traced: Traced, composite: Composite, explained: int = 1) -> Plan:
 
 def _warn_unmerged(info) -> None:
     module = f" ({info.type_name})" if info.module is not None else ""
-    warnings.warn(
+    _warn.warn(
         f"jaxlrp: '{info.path or '<root>'}'{module} shifts its input by a learned value (a BatchNorm, a "
         f"bias, a positional embedding) that no dense or conv layer absorbs; relevance passes through "
         f"it unchanged, the shift's share included (zennit does the same). rule_table shows it as a "
         f"layer of kind 'affine'; a rule for that kind (the transformer composites give it Epsilon) "
         f"lets the shift absorb its share.",
         UnmergedAffineWarning,
-        stacklevel=_user_stacklevel(),
     )
 
 
 class UnmergedAffineWarning(UserWarning):
     """A shift by a learned value (a BatchNorm, a positional embedding) that jaxlrp could not
     merge into a dense or conv layer: relevance passes through it unchanged."""
-
-
-def _user_stacklevel() -> int:
-    """The `stacklevel` that attributes a warning to the first caller outside jaxlrp."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("jaxlrp."):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _resolve(composite: Composite, plan: Plan) -> dict:

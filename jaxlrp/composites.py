@@ -101,7 +101,7 @@ def _matches(key, info: LayerInfo) -> bool:
 def _named(pattern: str, info: LayerInfo) -> bool:
     """The pattern is one of the layer's names, or matches one as an fnmatch pattern (a name
     such as `.layers[0].weight` is itself no pattern for it: `[0]` is a character class)."""
-    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in (info.path, *info.names))
+    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in (info.path or "<root>", *info.names))
 
 
 def _key_name(key) -> str:
