@@ -62,6 +62,8 @@ STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".
 VALUE_PRESERVING = frozenset("convert_element_type copy".split())
 # What a layer's chain and a weight's name look through.
 RESHAPING = STRUCTURAL | VALUE_PRESERVING
+# What keeps every element once (no broadcast): a mean over a regrouped value is a mean of it.
+REGROUPING = frozenset("reshape squeeze expand_dims transpose".split()) | VALUE_PRESERVING
 # Selections and data movement: relevance follows the gradient. A table:
 # `jaxlrp.extend.register_passthrough` adds to it.
 GRADIENT = set(
@@ -515,9 +517,10 @@ class _Planner:
                 n.name in SCALING and any(self.carries(a) for a in n.inputs if a is not n.inputs[0]) for n in walked
             ):
                 continue
-            # Both read the same value, perhaps each through its own dtype conversion (bfloat16).
+            # Both read the same value, perhaps each through its own dtype conversion (bfloat16),
+            # the mean perhaps over a regrouping of it (GroupNorm reshapes into groups).
             root, into_sub = self._through(x, VALUE_PRESERVING)
-            reduced, into_reduce = self._through(reduce.inputs[0], VALUE_PRESERVING)
+            reduced, into_reduce = self._through(reduce.inputs[0], REGROUPING)
             if root is not reduced:
                 continue
             nodes = sorted({*into_reduce, reduce, *walked, *into_sub, node}, key=self.order.__getitem__)

@@ -546,3 +546,33 @@ def test_a_float_keyword_argument_the_model_reshapes():
     gradient = jax.grad(lambda x: model.apply(variables, x, adj)[:, 1].sum())(x)
     np.testing.assert_allclose(traced, gradient * x, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(explain(variables, x, 1, adj=adj), traced, rtol=1e-12, atol=1e-14)
+
+
+class Normed(nn.Module):
+    norm: str
+    bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), use_bias=self.bias)(x)
+        if self.norm == "group":
+            x = nn.GroupNorm(num_groups=2, use_bias=self.bias)(x)
+        else:
+            x = nn.LayerNorm(use_bias=self.bias)(x)
+        return nn.Dense(2, use_bias=self.bias)(nn.relu(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_norm_is_one_norm_step_like_layer_norm(norm):
+    """GroupNorm's mean is taken over its input regrouped: one "norm" step as LayerNorm's, its
+    shift part of it (before: two sums and an unabsorbed "affine" shift that Passed with a
+    warning). Without biases the ε rule with 1/σ held conserves."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3), jnp.float64)
+    model = Normed(norm)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x))
+    kinds = [info.kind for info in jaxlrp.rule_table(model, composites.EpsilonPlus(), variables, x).layers]
+    assert kinds == ["conv", "norm", "sum", "dense"]  # no UnmergedAffineWarning (an error in the tests)
+    bare = Normed(norm, bias=False)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), bare.init(jax.random.PRNGKey(1), x))
+    out, relevance = jaxlrp.output_and_lrp(bare, composites.AttnLRP(epsilon=1e-12))(variables, x)
+    np.testing.assert_allclose(relevance.sum((1, 2, 3)), out.max(-1), rtol=1e-9)
