@@ -474,19 +474,35 @@ class _Planner:
 
     def _statistics(self) -> set[Value]:
         """Values computed from reductions (sums, maxima) of activations and from constants
-        only: a mean, a variance, a norm, 1/σ (times a LayerNorm's scale)."""
-        stats: set[Value] = set()
+        only: a mean, a variance, a norm, 1/σ (times a LayerNorm's scale). A reduction counts
+        only when what it yields meets, in one operation, an activation as large as the values
+        it reduced (it normalizes them); a mean-pooling's output, which a LayerNorm may then
+        normalize, is an activation."""
+        seeds = self._derived_from_reductions()
+        confirmed = {
+            reduce for node in self.program.nodes for a in node.inputs if a in seeds
+            for reduce in seeds[a]
+            if _size(node.outputs[0].shape) == _size(reduce.inputs[0].shape)  # GroupNorm regroups
+            and any(self.carries(b) and reduce not in seeds.get(b, ()) for b in node.inputs)
+        }
+        return {v for v, reductions in seeds.items() if reductions <= confirmed}
+
+    def _derived_from_reductions(self) -> dict[Value, frozenset[Node]]:
+        """Each value computed from reductions of activations and constants only, with those
+        reductions."""
+        seeds: dict[Value, frozenset[Node]] = {}
         for node in self.program.nodes:
             carried = [a for a in node.inputs if self.carries(a)]
             if not carried:
                 continue
             if node.name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod"):
-                stats.update(node.outputs)
+                seeds.update((v, frozenset({node})) for v in node.outputs)
             elif (node.elementwise or node.name in STRUCTURAL or node.name == "stop_gradient") and all(
-                a in stats for a in carried
+                a in seeds for a in carried
             ):
-                stats.update(node.outputs)
-        return stats
+                reductions = frozenset().union(*(seeds[a] for a in carried))
+                seeds.update((v, reductions) for v in node.outputs)
+        return seeds
 
     def _recognize_normalization(self) -> None:
         """An activation times or over a statistic of activations (LayerNorm's and RMSNorm's
@@ -682,6 +698,10 @@ class _Planner:
         nodes = sorted(members, key=self.order.__getitem__)
         return PassStep(source, nodes, output, extras)
 
+
+
+def _size(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
 
 
 def _broadcasts_to(shape, out) -> bool:

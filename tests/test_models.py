@@ -576,3 +576,40 @@ def test_group_norm_is_one_norm_step_like_layer_norm(norm):
     variables = jax.tree.map(lambda a: a.astype(jnp.float64), bare.init(jax.random.PRNGKey(1), x))
     out, relevance = jaxlrp.output_and_lrp(bare, composites.AttnLRP(epsilon=1e-12))(variables, x)
     np.testing.assert_allclose(relevance.sum((1, 2, 3)), out.max(-1), rtol=1e-9)
+
+
+def _layer_norm(h, scale):
+    mean = h.mean(-1, keepdims=True)
+    return (h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_a_norm_right_after_a_mean_pool(norm):
+    """The pooled value is an activation, not a statistic (before: taken for one, so the norm
+    after it was two sums and a product): the map equals explaining the head on the pooled
+    value, then the body seeded with that relevance."""
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 6))), "b1": jnp.asarray(rng.normal(size=(6,))),
+              "scale": jnp.asarray(1 + 0.3 * rng.normal(size=(6,))), "w2": jnp.asarray(rng.normal(size=(6, 3)))}
+
+    def body(params, x):
+        return jax.nn.relu(x @ params["w1"] + params["b1"]).mean(1)
+
+    def head(params, pooled):
+        if norm == "layer":
+            normed = _layer_norm(pooled, params["scale"])
+        else:
+            normed = pooled * jax.lax.rsqrt((pooled * pooled).mean(-1, keepdims=True) + 1e-6) * params["scale"]
+        return normed @ params["w2"]
+
+    def full(params, x):
+        return head(params, body(params, x))
+
+    x = jnp.asarray(rng.normal(size=(2, 5, 4)))
+    composite = composites.AttnLRP(epsilon=1e-9)
+    kinds = [info.kind for info in jaxlrp.rule_table(full, composite, params, x).layers]
+    assert kinds == ["dense", "sum", "norm", "dense"], kinds
+    target = jnp.array([0, 2])
+    at_pooled = jaxlrp.lrp_fn(head, composite)(params, body(params, x), target=target)
+    staged = jaxlrp.lrp_fn(body, composite)(params, x, target=at_pooled)
+    np.testing.assert_allclose(jaxlrp.lrp_fn(full, composite)(params, x, target=target), staged, rtol=1e-9, atol=1e-12)
