@@ -47,8 +47,9 @@ def describe_marks(root=("", None)):
     return describe
 
 
-def trace(module: nn.Module, variables, x, apply_kwargs: dict) -> Traced:
-    """Traces `module.apply(variables, x, **apply_kwargs)` with its module calls marked."""
+def trace(module: nn.Module, variables, x, apply_kwargs: dict, output=None) -> Traced:
+    """Traces `module.apply(variables, x, **apply_kwargs)` with its module calls marked (and
+    `output` applied to what it returns, when given)."""
     active: list[tuple[object, str, str]] = []  # (root scope, path prefix of its tree, path) per call
 
     def interceptor(next_fun, args, kwargs, context):
@@ -72,7 +73,8 @@ def trace(module: nn.Module, variables, x, apply_kwargs: dict) -> Traced:
 
     def apply(variables, x):
         with nn.intercept_methods(interceptor):
-            return module.apply(variables, x, **apply_kwargs)
+            out = module.apply(variables, x, **apply_kwargs)
+        return out if output is None else output(out)
 
     try:
         closed = jax.make_jaxpr(apply)(variables, x)

@@ -45,15 +45,17 @@ def _mark(module: nnx.Module, path: str) -> None:
     module.__class__ = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__})
 
 
-def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict) -> Traced:
-    """Traces the model built from `(graphdef, state)` on `x`, with its module calls marked."""
+def trace(graphdef: nnx.GraphDef, state, x, call_kwargs: dict, output=None) -> Traced:
+    """Traces the model built from `(graphdef, state)` on `x`, with its module calls marked
+    (and `output` applied to what it returns, when given)."""
     def apply(state, x):
         model = nnx.merge(graphdef, state)
         model.eval()
         modules = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
         for path, node in modules:
             _mark(node, "/".join(map(str, path)))
-        return model(x, **call_kwargs)
+        out = model(x, **call_kwargs)
+        return out if output is None else output(out)
 
     closed = jax.make_jaxpr(apply)(state, x)
     return Traced(closed, jax.tree.leaves(state), describe_marks())

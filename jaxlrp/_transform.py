@@ -22,7 +22,9 @@ from jaxlrp.composites import Composite
 __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
 
 
-def lrp(model, composite: Composite, record: Sequence[str] = (), **apply_kwargs) -> Callable[..., jax.Array]:
+def lrp(
+    model, composite: Composite, record: Sequence[str] = (), output: Callable | None = None, **apply_kwargs
+) -> Callable[..., jax.Array]:
     """Turns a Flax model into a function that returns a relevance map shaped like its input.
 
     * Linen module: `explain(variables, x, target=None)`.
@@ -35,6 +37,10 @@ def lrp(model, composite: Composite, record: Sequence[str] = (), **apply_kwargs)
 
     Keyword arguments of `explain` beyond `target` go to the model at call time (`mask=`,
     `positions=`): arrays that vary per call and are not explained, traced under `jax.jit`.
+
+    `output`, a function of what the model returns, selects what is explained: a dict's or a
+    dataclass's entry, `lambda logits: logits[:, -1]` for a language model's last position.
+    The target then refers to that selection.
 
     `target` says where relevance starts:
 
@@ -69,7 +75,7 @@ def lrp(model, composite: Composite, record: Sequence[str] = (), **apply_kwargs)
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
         relevance = jax.jit(explain)(variables, x, target=3)
     """
-    with_output = output_and_lrp(model, composite, record, **apply_kwargs)
+    with_output = output_and_lrp(model, composite, record, output, **apply_kwargs)
 
     @functools.wraps(with_output)
     def explain(*args, **kwargs):
@@ -79,20 +85,21 @@ def lrp(model, composite: Composite, record: Sequence[str] = (), **apply_kwargs)
 
 
 def output_and_lrp(
-    model, composite: Composite, record: Sequence[str] = (), **apply_kwargs
+    model, composite: Composite, record: Sequence[str] = (), output: Callable | None = None, **apply_kwargs
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`)."""
+    """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`); the
+    output is what `output` selects, when given."""
     _check_composite(composite)
     record = _check_record(record)
     if isinstance(model, nnx.Module):  # its current state, read at each call, is an argument
-        pure = output_and_lrp(nnx.graphdef(model), composite, record, **apply_kwargs)
+        pure = output_and_lrp(nnx.graphdef(model), composite, record, output, **apply_kwargs)
 
         def explain(x, target=None, **call_kwargs):
             return pure(nnx.state(model), x, target, **call_kwargs)
 
         return explain
 
-    bind = _binding(model, apply_kwargs)
+    bind = _binding(model, apply_kwargs, output)
 
     def pure(params, x, target=None, conditions=None, **call_kwargs):
         bound = functools.partial(bind, **call_kwargs)
@@ -107,7 +114,11 @@ def output_and_lrp(
 
 
 def lrp_fn(
-    fn: Callable, composite: Composite, argnums: int | Sequence[int] = 1, record: Sequence[str] = ()
+    fn: Callable,
+    composite: Composite,
+    argnums: int | Sequence[int] = 1,
+    record: Sequence[str] = (),
+    output: Callable | None = None,
 ) -> Callable[..., jax.Array]:
     """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
 
@@ -119,6 +130,7 @@ def lrp_fn(
     match the `jax.named_scope` the layer was traced in or its weight's key path in the other
     arguments (`['w1']`, `.layers[3].weight`, `layers/3`, Haiku's `mlp/~/linear_2`). Leaves of
     the other arguments that are not arrays are static, so an Equinox model is passed as it is.
+    `output` selects what is explained from what `fn` returns (as in `lrp`).
 
     Example::
 
@@ -140,7 +152,7 @@ def lrp_fn(
         chosen = position if isinstance(position, tuple) else (position,)
         x = tuple(args[i] for i in chosen) if isinstance(position, tuple) else args[position]
         others = tuple(a for i, a in enumerate(args) if i not in chosen)
-        bind = functools.partial(_function.trace, fn, position, others)
+        bind = functools.partial(_function.trace, _selected(fn, output), position, others)
         return _output_and_relevance(bind, (x,), composite, target, others, record, conditions)
 
     compiled = _compiled_when_eager(pure)
@@ -173,7 +185,7 @@ def _compiled_when_eager(pure: Callable) -> Callable:
     return call
 
 
-def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTable:
+def rule_table(model, composite: Composite, *inputs, output: Callable | None = None, **apply_kwargs) -> RuleTable:
     """The rule each layer of `model` gets under `composite`, in execution order.
 
     `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
@@ -184,34 +196,35 @@ def rule_table(model, composite: Composite, *inputs, **apply_kwargs) -> RuleTabl
     layer feeds) is a row of kind "affine" with `rules.Pass()`.
     """
     _check_composite(composite)
-    plan = _plan(_binding(model, apply_kwargs)(*inputs), composite, len(jax.tree.leaves(inputs[-1])))
+    plan = _plan(_binding(model, apply_kwargs, output)(*inputs), composite, len(jax.tree.leaves(inputs[-1])))
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
 
 
-def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
-    """`bind(*inputs) -> Traced` for the kind of model; the input explained is the last."""
+def _binding(model, apply_kwargs: dict, output: Callable | None = None) -> Callable[..., Traced]:
+    """`bind(*inputs) -> Traced` for the kind of model; the input explained is the last;
+    `output` selects what is explained from what the model returns."""
     if isinstance(model, nnx.Module):
 
         def bind(x, **call_kwargs):
             graphdef, state = nnx.split(model)
-            return _nnx.trace(graphdef, state, x, call_kwargs={**apply_kwargs, **call_kwargs})
+            return _nnx.trace(graphdef, state, x, {**apply_kwargs, **call_kwargs}, output)
 
     elif isinstance(model, nnx.GraphDef):
 
         def bind(state, x, **call_kwargs):
-            return _nnx.trace(model, state, x, call_kwargs={**apply_kwargs, **call_kwargs})
+            return _nnx.trace(model, state, x, {**apply_kwargs, **call_kwargs}, output)
 
     elif isinstance(model, nn.Module):
 
         def bind(variables, x, **call_kwargs):
-            return _linen.trace(model, variables, x, apply_kwargs={**apply_kwargs, **call_kwargs})
+            return _linen.trace(model, variables, x, {**apply_kwargs, **call_kwargs}, output)
 
     elif callable(model) and not apply_kwargs:  # a plain function fn(params, x), as lrp_fn(fn, c)
 
         def bind(params, x, **call_kwargs):
-            return _function.trace(functools.partial(model, **call_kwargs), 1, (params,), x)
+            return _function.trace(_selected(functools.partial(model, **call_kwargs), output), 1, (params,), x)
 
     else:
         raise TypeError(
@@ -219,6 +232,18 @@ def _binding(model, apply_kwargs: dict) -> Callable[..., Traced]:
             f"fn(params, x) (jaxlrp.lrp_fn for other signatures); got {type(model).__name__}."
         )
     return bind
+
+
+def _selected(fn: Callable, output: Callable | None) -> Callable:
+    """`fn` whose result goes through `output` (what is explained of it), when given."""
+    if output is None:
+        return fn
+
+    @functools.wraps(fn)
+    def selected(*args, **kwargs):
+        return output(fn(*args, **kwargs))
+
+    return selected
 
 
 def _check_record(record) -> tuple[str, ...]:
@@ -240,7 +265,11 @@ def _plan(traced: Traced, composite: Composite, explained: int = 1) -> Plan:
     """The plan of a traced model whose last `explained` inputs (the leaves of `x`) are explained."""
     program = from_closed_jaxpr(traced.closed)
     if len(program.outputs) != 1:
-        raise TypeError(f"jaxlrp explains models with one output array; this model returns {len(program.outputs)}.")
+        raise TypeError(
+            f"jaxlrp explains one output array; this model returns {len(program.outputs)} arrays. Choose what "
+            f"is explained with output=, a function of the model's output: e.g. jaxlrp.lrp(model, composite, "
+            f"output=lambda out: out['logits'][:, -1]) for a language model's last position."
+        )
     n_params = len(program.inputs) - explained
     return make_plan(program, [False] * n_params + [True] * explained, traced.describe, traced.names, composite.hold)
 

@@ -81,3 +81,67 @@ def test_the_root_is_named_root():
     table = jaxlrp.rule_table(fn, composite, params, jnp.ones((1, 3)))
     assert [repr(rule) for rule in table.rules] == ["Epsilon(epsilon=0.25)"] * 2
     assert "<root>" in str(table)
+
+
+class TwoHeads(nn.Module):
+    """Returns a dict, as many models do: what to explain is the user's choice."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(6, name="body")(x))
+        return {"logits": nn.Dense(3, name="logits")(h), "features": h}
+
+
+class LogitsOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="logits")(nn.relu(nn.Dense(6, name="body")(x)))
+
+
+def test_output_selects_what_is_explained():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    variables = TwoHeads().init(jax.random.PRNGKey(1), x)
+    composite = composites.EpsilonPlus()
+    with pytest.raises(TypeError, match=r"returns 2 arrays\. Choose what is explained with output="):
+        jaxlrp.lrp(TwoHeads(), composite)(variables, x)
+    select = lambda out: out["logits"]  # noqa: E731
+    out, relevance = jax.jit(jaxlrp.output_and_lrp(TwoHeads(), composite, output=select))(variables, x, target=2)
+    expected = jaxlrp.lrp(LogitsOnly(), composite)(variables, x, target=2)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-6)
+    np.testing.assert_allclose(out, TwoHeads().apply(variables, x)["logits"], rtol=1e-6)
+    table = jaxlrp.rule_table(TwoHeads(), composite, variables, x, output=select)
+    assert [info.path for info in table.layers] == ["body", "logits"]
+
+
+def test_output_of_a_language_model_at_its_last_position():
+    rng = np.random.default_rng(0)
+    params = {"embed": jnp.asarray(rng.normal(size=(7, 4))), "w": jnp.asarray(rng.normal(size=(4, 7)))}
+
+    def lm(params, tokens):  # (B, T) ids -> (B, T, V) logits
+        return jnp.tanh(params["embed"][tokens]).cumsum(1) @ params["w"]
+
+    tokens = jnp.asarray(rng.integers(0, 7, (2, 5)))
+    last = jaxlrp.lrp_fn(lm, composites.EpsilonPlus(), output=lambda logits: logits[:, -1])(params, tokens, target=3)
+    expected = jaxlrp.lrp_fn(lambda p, t: lm(p, t)[:, -1], composites.EpsilonPlus())(params, tokens, target=3)
+    np.testing.assert_allclose(last, expected, rtol=1e-6)
+    assert last.shape == tokens.shape
+
+
+def test_output_with_an_nnx_module():
+    from flax import nnx
+
+    class Heads(nnx.Module):
+        def __init__(self, rngs):
+            self.body, self.head = nnx.Linear(5, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return {"logits": self.head(nnx.relu(self.body(x)))}
+
+    model = Heads(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5))
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlus(), output=lambda out: out["logits"])(x, target=1)
+    graphdef, state = nnx.split(model)
+    pure = jaxlrp.lrp(graphdef, composites.EpsilonPlus(), output=lambda out: out["logits"])
+    np.testing.assert_allclose(jax.jit(pure)(state, x, target=1), relevance, rtol=1e-6)
+    function = jaxlrp.lrp_fn(lambda s, x: nnx.merge(graphdef, s)(x)["logits"], composites.EpsilonPlus())
+    np.testing.assert_allclose(function(state, x, target=1), relevance, rtol=1e-6)
