@@ -69,8 +69,8 @@ REGROUPING = frozenset("reshape squeeze expand_dims transpose".split()) | VALUE_
 GRADIENT = set(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
     dynamic_update_slice gather scatter scatter-max scatter-min pad rev select_n max min reduce_max
-    reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split sort cummax cummin
-    stop_gradient optimization_barrier pvary pcast""".split()
+    reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split
+    sort cummax cummin stop_gradient optimization_barrier pvary pcast""".split()
 )
 TAPS = frozenset("gather dynamic_slice".split())
 # Ops whose output is >= 0 when their float operands are (selections, reshapes, max-pooling).
