@@ -522,9 +522,13 @@ class _Planner:
 
     def _recognize_centering(self) -> None:
         """`x − mean(x)` (a LayerNorm's centering): one linear map, kind "norm", that takes in
-        the scaling by the held 1/σ, the scale and the bias after it."""
+        the scaling by the held 1/σ, the scale and the bias after it. A centering that only
+        feeds the variance (`jnp` code that writes `x − mean` twice) is left to the statistics."""
+        stats = self._statistics()
         for node in self.program.nodes:
             if node.name != "sub" or node in self.absorbed or not all(self.carries(a) for a in node.inputs):
+                continue
+            if self._feeds_statistics_only(node.outputs[0], stats):
                 continue
             x, mean = node.inputs
             total, walked = self._through(mean, RESHAPING | SCALING)
@@ -541,6 +545,24 @@ class _Planner:
                 continue
             nodes = sorted({*into_reduce, reduce, *walked, *into_sub, node}, key=self.order.__getitem__)
             self._claim(nodes, lambda nodes=nodes: self._linear(nodes, (0,), None, "norm"))
+
+    def _feeds_statistics_only(self, value: Value, stats: set[Value]) -> bool:
+        """Whether every use of `value` ends, through elementwise and structural ops, in a
+        reduction that is a statistic (the variance's `(x − mean)²`)."""
+        users = self.uses[value]
+        if not users:
+            return False
+        for user in users:
+            if user is None:
+                return False
+            if user.name.startswith("reduce_"):
+                if not all(v in stats for v in user.outputs):
+                    return False
+            elif not (user.elementwise or user.name in STRUCTURAL) or not all(
+                self._feeds_statistics_only(v, stats) for v in user.outputs
+            ):
+                return False
+        return True
 
     def _is_learned(self, atom: Atom) -> bool:
         """Computed from the parameters and not from the input (a weight, a statistic)."""

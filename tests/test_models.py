@@ -613,3 +613,32 @@ def test_a_norm_right_after_a_mean_pool(norm):
     at_pooled = jaxlrp.lrp_fn(head, composite)(params, body(params, x), target=target)
     staged = jaxlrp.lrp_fn(body, composite)(params, x, target=at_pooled)
     np.testing.assert_allclose(jaxlrp.lrp_fn(full, composite)(params, x, target=target), staged, rtol=1e-9, atol=1e-12)
+
+
+def test_a_layer_norm_written_with_jnp_equals_flax_layer_norm():
+    """`(x − mean)·rsqrt(mean((x − mean)²) + ε)·γ + β` computes `x − mean` twice, once for the
+    variance: that one is left to the statistics, and the map is Flax LayerNorm's (before: the
+    first was taken for the centering, the second split by Norm as a sum)."""
+
+    def jnp_layer_norm(h, scale, bias):
+        mean = h.mean(-1, keepdims=True)
+        variance = ((h - mean) ** 2).mean(-1, keepdims=True)
+        return (h - mean) * (jax.lax.rsqrt(variance + 1e-6) * scale) + bias
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 6))), "scale": jnp.asarray(1 + 0.2 * rng.normal(size=6)),
+              "bias": jnp.asarray(rng.normal(size=6)), "v": jnp.asarray(rng.normal(size=(6, 3)))}
+    x = jnp.asarray(rng.normal(size=(3, 4)))
+
+    def with_jnp(p, x):
+        return jnp_layer_norm(x @ p["w"], p["scale"], p["bias"]) @ p["v"]
+
+    def with_flax(p, x):
+        normed = nn.LayerNorm(epsilon=1e-6).apply({"params": {"scale": p["scale"], "bias": p["bias"]}}, x @ p["w"])
+        return normed @ p["v"]
+
+    composite = composites.AttnLRP(epsilon=1e-9)
+    for fn in (with_jnp, with_flax):
+        assert [info.kind for info in jaxlrp.rule_table(fn, composite, params, x).layers] == ["dense", "norm", "dense"]
+    np.testing.assert_allclose(jaxlrp.lrp_fn(with_jnp, composite)(params, x, target=1),
+                               jaxlrp.lrp_fn(with_flax, composite)(params, x, target=1), rtol=1e-10, atol=1e-13)
