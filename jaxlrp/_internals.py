@@ -15,7 +15,8 @@ fails there, by name, instead of as a wrong heatmap:
   `(subfuns, params)`, jax 0.10 the params alone.
 * **Primitive parameter layouts**: a call's body (`jaxpr` or `call_jaxpr`, closed or open, or
   under `jax_remat3` the `jaxpr` of a `call_hi_primitive`'s `_prim`: `call_body`); `scan`'s
-  `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll` (`scan_layout`); `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
+  `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll` (`scan_layout`);
+  `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
   `feature_group_count`, `batch_group_count` (`conv_layout`); `dot_general`'s
   `dimension_numbers` as `((lhs contracting, rhs contracting), (lhs batch, rhs batch))`
   (`dot_layout`); a reduction's `axes` (`reduce_axes`); a matmul's or convolution's

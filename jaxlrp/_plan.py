@@ -141,12 +141,16 @@ class SoftmaxStep:
 @dataclasses.dataclass(eq=False)
 class ProductStep:
     """`a ⊙ b` of two activations (a gate times a signal, a gated MLP's branches): its rule
-    splits the relevance between them; `gates` flags the operands that come out of a gate
-    function."""
+    splits the relevance between them; `info.gates` names the operands that come out of a
+    gate function."""
 
     node: Node
     info: LayerInfo
-    gates: tuple[bool, ...]
+
+    @property
+    def gates(self) -> tuple[bool, ...]:
+        """One flag per operand: whether it is a gate."""
+        return tuple(i in self.info.gates for i in range(len(self.node.inputs)))
 
 
 @dataclasses.dataclass(eq=False)
@@ -239,6 +243,7 @@ class _Planner:
         self.groups: dict[Node, Callable[[], None]] = {}  # first node -> builder of its step
         self.absorbed: set[Node] = set()
         self.held: set[tuple[Node, int]] = set()  # (node, input position) taking a constant
+        self.stats = self._statistics()  # read by the normalization and centering recognizers
         for recognize in (self._recognize_softmax, self._recognize_normalization, self._recognize_centering):
             recognize()
         self._keep_needed()
@@ -508,7 +513,7 @@ class _Planner:
         """An activation times or over a statistic of activations (LayerNorm's and RMSNorm's
         1/σ): the statistic is held constant, so the normalization is linear (AttnLRP Prop. 3.4,
         LXT's `layer_norm_grad_fn`)."""
-        stats = self._statistics()
+        stats = self.stats
         for node in self.program.nodes:
             if node.name not in ("mul", "div") or node in self.absorbed or node in self.groups:
                 continue
@@ -524,7 +529,7 @@ class _Planner:
         """`x − mean(x)` (a LayerNorm's centering): one linear map, kind "norm", that takes in
         the scaling by the held 1/σ, the scale and the bias after it. A centering that only
         feeds the variance (`jnp` code that writes `x − mean` twice) is left to the statistics."""
-        stats = self._statistics()
+        stats = self.stats
         for node in self.program.nodes:
             if node.name != "sub" or node in self.absorbed or not all(self.carries(a) for a in node.inputs):
                 continue
@@ -666,10 +671,10 @@ class _Planner:
 
     def _product(self, node: Node) -> None:
         path, module = self.describe(node.scope)
-        gates = tuple(self._is_gate(a) for a in node.inputs)
+        gates = tuple(i for i, a in enumerate(node.inputs) if self._is_gate(a))
         info = LayerInfo(path, module, "product", input_shapes=tuple(tuple(a.shape) for a in node.inputs),
-                         output_shape=tuple(node.outputs[0].shape), gates=tuple(i for i, g in enumerate(gates) if g))
-        self.steps[node] = ProductStep(node, info, gates)
+                         output_shape=tuple(node.outputs[0].shape), gates=gates)
+        self.steps[node] = ProductStep(node, info)
 
     def _is_gate(self, atom: Atom) -> bool:
         """Comes out of a gate function: `sigmoid(z)` or `1 − sigmoid(z)` (an LSTM's or GRU's
