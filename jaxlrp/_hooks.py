@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxlrp._plan import LinearStep, Plan
 from jaxlrp._program import Value
+
+if TYPE_CHECKING:
+    from jaxlrp._plan import Plan
 
 
 class Explanation(NamedTuple):
@@ -128,13 +130,6 @@ def _carried(plan: Plan) -> set[Value]:
 
 
 def _merged_into(plan: Plan) -> dict[Value, Value]:
-    """Values computed inside a linear step (its weighted output before a merged BatchNorm)
-    -> the step's output."""
-    inside = {}
-    for step in plan.steps.values():
-        if isinstance(step, LinearStep):
-            for node in (*step.nodes, *step.chain):
-                for v in node.outputs:
-                    if v is not step.output:
-                        inside[v] = step.output
-    return inside
+    """Values computed inside a step that stand for its output (a linear layer's output before
+    a merged BatchNorm) -> the step's output."""
+    return {v: step.output for step in plan.steps.values() for v in step.inside()}

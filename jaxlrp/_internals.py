@@ -25,6 +25,9 @@ fails there, by name, instead of as a wrong heatmap:
   `jnp.stack` a primitive of its own, for instance). The engine's sets of names
   (`_program.ELEMENTWISE`, `_program.CALLS`, `_plan`'s) are checked against a catalogue of
   functions in the tests.
+* **Defining a primitive** (`jax.interpreters.ad`, `batching`, `mlir`): the JVP, batching and
+  lowering tables that `jaxlrp.extend.with_reference` registers its primitive in
+  (`define_primitive`), and symbolic zero tangents (`instantiate`).
 * **Varying manual axes** inside `jax.shard_map` (`aval.manual_axis_type.varying` from jax 0.9,
   `aval.vma` before: `varying_axes`).
 """
@@ -121,3 +124,28 @@ def varying_axes(x) -> frozenset:
     aval = jax.typeof(x)
     manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def define_primitive(name: str, impl, abstract_eval, jvp, batch) -> core.Primitive:
+    """A primitive with multiple results: `impl(*args, **params)` evaluates and lowers it
+    (lowered as the traced function it is), `abstract_eval(*avals, **params)` gives the
+    output avals, `jvp(primals, tangents, **params)` and `batch(args, dims, **params)` as in
+    `ad.primitive_jvps` and `batching.primitive_batchers` (`dims`: an axis or None)."""
+    from jax.interpreters import ad, batching, mlir
+
+    primitive = core.Primitive(name)
+    primitive.multiple_results = True
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=True))
+    ad.primitive_jvps[primitive] = jvp
+
+    batching.primitive_batchers[primitive] = batch  # an unbatched input's dim is None
+    return primitive
+
+
+def instantiate(tangent):
+    """A tangent as an array: a symbolic zero (`ad.Zero`) becomes zeros of its type."""
+    from jax.interpreters import ad
+
+    return ad.instantiate_zeros(tangent)

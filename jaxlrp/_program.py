@@ -5,7 +5,8 @@
 this module inlines every call into one flat list of `Node`s over fresh `Value`s, keeping
 each node's name stack (which carries the module markers of the bindings). Two kinds of call
 stay whole: elementwise functions (an activation such as `nn.relu` is one node, so it gets
-one rule) and `scan`, whose body becomes a nested `Program`.
+one rule) and `scan` (and a kernel with a reference, `BODIES`), whose body becomes a nested
+`Program`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CALLS = frozenset(
     "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
     "remat2 checkpoint call_hi_primitive".split()
 )
+
+# Primitives whose equation stays one node with a nested program: `params -> ClosedJaxpr`.
+# A `scan`'s body; `jaxlrp.extend.with_reference` adds its kernels' references.
+BODIES: dict[str, Callable[[dict], core.ClosedJaxpr]] = {"scan": lambda params: _internals.scan_layout(params).body}
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,7 +74,7 @@ class Node:
     outputs: tuple[Value, ...]
     scope: str
     elementwise: bool = False
-    body: Program | None = None  # for scan
+    body: Program | None = None  # a scan's body, a kernel's reference (BODIES)
 
     @property
     def name(self) -> str:
@@ -163,7 +168,7 @@ def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> l
         if inner is not None and not _is_elementwise_eqn(eqn):
             outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
         else:
-            body = from_closed_jaxpr(_internals.scan_layout(eqn.params).body, eqn_scope) if name == "scan" else None
+            body = from_closed_jaxpr(BODIES[name](eqn.params), eqn_scope) if name in BODIES else None
             outs = tuple(Value(v.aval) for v in eqn.outvars)
             elementwise = _is_elementwise_eqn(eqn)
             nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body))

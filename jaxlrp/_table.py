@@ -21,7 +21,8 @@ AFFINE_KIND = "affine"
 # A product of two activations (an LSTM's or GRU's gate times its signal, squeeze-and-excitation,
 # a gated MLP's branches): `rules.Uniform()` by default, `rules.SignalTakeAll()` to hold the gate.
 PRODUCT = "product"
-KINDS = WEIGHTED + FIXED + TRANSFORMER + (AFFINE_KIND, PRODUCT)
+# A table: `jaxlrp.extend.register_step` adds the kinds it registers.
+KINDS = [*WEIGHTED, *FIXED, *TRANSFORMER, AFFINE_KIND, PRODUCT]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,8 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from jaxlrp import rules as _rules
-from jaxlrp._table import KINDS, WEIGHTED, LayerInfo
+from jaxlrp import _table
+from jaxlrp._table import WEIGHTED, LayerInfo
 
 __all__ = [
     "Composite",
@@ -90,8 +91,8 @@ def _matches(key, info: LayerInfo) -> bool:
     if isinstance(key, tuple):
         return any(_matches(k, info) for k in key)
     if isinstance(key, str):
-        if key not in KINDS:
-            raise ValueError(f"Unknown layer kind {key!r} in a LayerMap; the kinds are {KINDS}.")
+        if key not in _table.KINDS:
+            raise ValueError(f"Unknown layer kind {key!r} in a LayerMap; the kinds are {tuple(_table.KINDS)}.")
         return info.kind == key
     if isinstance(key, type):
         return info.kind in WEIGHTED and info.module is not None and issubclass(info.module, key)

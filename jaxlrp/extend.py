@@ -16,6 +16,14 @@ code that defines the primitive:
   constants (a fixed map: a custom pooling, a scatter, a fixed filter). It becomes a layer of
   kind "sum" in the rule table, `Norm` by default; its map and VJP come from JAX, so it needs
   a transpose rule, as for `jax.grad`.
+* `register_step(name, kind)`: a row of the rule table of its own `kind`, which composites map
+  like any kind (`LayerMap({kind: rule})`; a composite without one is an error that names the
+  kind). Its rule sees the primitive's linearisation at the forward inputs as a `jaxlrp.Layer`
+  (`z = J·x + b'`, `b'` what makes `z` the forward value). It needs a JVP rule.
+* `with_reference(kernel, reference)`: a function that runs `kernel` (a Pallas or cuDNN fused
+  kernel, whose computation jaxlrp cannot see) in the forward pass, and that jaxlrp explains,
+  and `jax.grad` differentiates, through `reference`, plain JAX that computes the same values.
+  Its layers are rows of the rule table like the model's own.
 
 A rule for a new kind of operation is a subclass of `jaxlrp.rules.Rule` decorated with
 `jaxlrp.rules.rule`; it sees each layer as a `jaxlrp.Layer`.
@@ -26,17 +34,20 @@ A rule for a new kind of operation is a subclass of `jaxlrp.rules.Rule` decorate
 
 from __future__ import annotations
 
-from jaxlrp import _plan, _program
+from jaxlrp import _program, _table
+from jaxlrp._ops import linear, registered, selections
+from jaxlrp._ops.kernels import with_reference
 
-__all__ = ["register_elementwise", "register_linear", "register_passthrough"]
+__all__ = ["register_elementwise", "register_linear", "register_passthrough", "register_step", "with_reference"]
 
 
 def _tables() -> dict[str, object]:
     return {
         "elementwise": _program.ELEMENTWISE,
-        "passthrough": _plan.GRADIENT,
-        "linear": _plan.FIXED_PRIMITIVES,
-        "weighted (dense/conv)": _plan.WEIGHTED_PRIMITIVES,
+        "passthrough": selections.GRADIENT,
+        "linear": linear.FIXED_PRIMITIVES,
+        "step": registered.STEP_KINDS,
+        "weighted (dense/conv)": linear.WEIGHTED_PRIMITIVES,
         "call (inlined)": _program.CALLS,
     }
 
@@ -61,10 +72,23 @@ def register_elementwise(name: str) -> None:
 def register_passthrough(name: str) -> None:
     """Registers primitive `name` as a selection: relevance follows its gradient."""
     if not _check(name, "passthrough"):
-        _plan.GRADIENT.add(name)
+        selections.GRADIENT.add(name)
 
 
 def register_linear(name: str) -> None:
     """Registers primitive `name` as linear in its activation operands: a layer of kind "sum"."""
     if not _check(name, "linear"):
-        _plan.FIXED_PRIMITIVES[name] = "sum"
+        linear.FIXED_PRIMITIVES[name] = "sum"
+
+
+def register_step(name: str, kind: str) -> None:
+    """Registers primitive `name` as a step of its own `kind`: a row of the rule table."""
+    if not isinstance(kind, str) or not kind or kind in _table.WEIGHTED:
+        raise ValueError(f"jaxlrp.extend.register_step: the kind is a name (a str) other than the weighted "
+                         f"kinds {_table.WEIGHTED}, got {kind!r}.")
+    if _check(name, "step") and registered.STEP_KINDS[name] != kind:
+        raise ValueError(f"jaxlrp.extend: primitive {name!r} is already a step of kind "
+                         f"{registered.STEP_KINDS[name]!r}; it cannot also be {kind!r}.")
+    registered.STEP_KINDS[name] = kind
+    if kind not in _table.KINDS:
+        _table.KINDS.append(kind)

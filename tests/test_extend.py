@@ -120,3 +120,119 @@ def test_a_users_rule_works_in_composites_under_jit_vmap_and_grad():
     along = jax.grad(lambda s: explain(s).sum())(0.5)
     np.testing.assert_allclose(along, 2 * 0.5 * reference.sum(), rtol=1e-6)  # d(s²·R)/ds
     assert repr(Halved()) == "Halved(epsilon=1e-06, share=0.5)"
+
+
+# ---- register_step: a row of its own kind, its rule seeing the linearisation -----------------
+
+CUBE = Primitive("jaxlrp_test_cube")
+CUBE.def_impl(lambda x: x**3)
+CUBE.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+mlir.register_lowering(CUBE, mlir.lower_fun(lambda x: x**3, multiple_results=False))
+ad.defjvp(CUBE, lambda t, x: 3 * x**2 * t)
+extend.register_step("jaxlrp_test_cube", "cube")
+
+
+def _cubed(params, x):
+    return CUBE.bind(x @ params["w1"]) @ params["w2"][:6]
+
+
+def test_a_registered_step_is_a_row_whose_rule_sees_its_linearisation():
+    params, x = _setup()
+    params = {**params, "w2": jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)))}
+    with pytest.raises(ValueError, match="kind 'cube'"):  # EpsilonPlus has no rule for it: an error, not a default
+        jaxlrp.lrp_fn(_cubed, composites.EpsilonPlus())(params, x)
+    eps = 0.1
+    composite = composites.combine(composites.LayerMap({"cube": rules.Epsilon(eps)}), composites.LRP0())
+    table = jaxlrp.rule_table(_cubed, composite, params, x)
+    assert [(info.kind, repr(rule)) for info, rule in zip(table.layers, table.rules)][1] == ("cube", "Epsilon(epsilon=0.1)")
+    relevance = jaxlrp.lrp_fn(_cubed, composite)(params, x, target=0)
+    # Closed form: LRP-0 on both matmuls, and at the cube z = J·h + b' = h³ with J = 3h²:
+    # R_h = h ⊙ J ⊙ R_z / stab(h³).
+    h = x @ params["w1"]
+    out = h**3 @ params["w2"]
+    r_z = (h**3) * params["w2"][:, 0] * (out[:, :1] / out[:, :1])
+    z = h**3
+    r_h = h * 3 * h**2 * r_z / (z + ((z == 0) + jnp.sign(z)) * eps)
+    expected = x * ((r_h / h) @ params["w1"].T)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-9)
+    jitted = jax.jit(jaxlrp.lrp_fn(_cubed, composite))(params, x, target=0)
+    np.testing.assert_allclose(jitted, relevance, rtol=1e-12)
+
+
+def test_register_step_errors():
+    with pytest.raises(ValueError, match="weighted kinds"):
+        extend.register_step("jaxlrp_test_other", "dense")
+    with pytest.raises(ValueError, match="already a step of kind 'cube'"):
+        extend.register_step("jaxlrp_test_cube", "quartic")
+    with pytest.raises(ValueError, match="already registered as elementwise"):
+        extend.register_step("exp", "exp")
+
+
+# ---- with_reference: a fused kernel explained through its plain-JAX reference ----------------
+
+
+def _pallas_relu_matmul(x, w):
+    from jax.experimental import pallas as pl
+
+    def body(x_ref, w_ref, o_ref):
+        o_ref[...] = jnp.maximum(jnp.dot(x_ref[...], w_ref[...]), 0.0)
+
+    shape = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    return pl.pallas_call(body, out_shape=shape, interpret=True)(x, w)
+
+
+def _reference_relu_matmul(x, w):
+    return jax.nn.relu(x @ w)
+
+
+FUSED = extend.with_reference(_pallas_relu_matmul, _reference_relu_matmul)
+
+
+def _fused_net(params, x):
+    return FUSED(x, params["w1"]) @ params["w2"]
+
+
+def _reference_net(params, x):
+    return _reference_relu_matmul(x, params["w1"]) @ params["w2"]
+
+
+def test_a_kernel_runs_forward_and_is_explained_through_its_reference():
+    params, x = _setup()
+    params = {**params, "w2": jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)))}
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: FUSED(x, params["w1"]))(x))
+    np.testing.assert_array_equal(FUSED(x, params["w1"]), _pallas_relu_matmul(x, params["w1"]))
+    composite = composites.EpsilonPlus()
+    expected = jaxlrp.lrp_fn(_reference_net, composite)(params, x)
+    np.testing.assert_allclose(jaxlrp.lrp_fn(_fused_net, composite)(params, x), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(jaxlrp.lrp_fn(_fused_net, composite))(params, x), expected, rtol=1e-12)
+    table = jaxlrp.rule_table(_fused_net, composite, params, x)
+    assert [(i.kind, i.names[:1]) for i in table.layers] == [("dense", ("['w1']",)), ("dense", ("['w2']",))]
+    # vmap over samples, and over the kernel's own batching rule
+    per_sample = jax.vmap(lambda xi: jaxlrp.lrp_fn(_fused_net, composite)(params, xi[None], target=0)[0])(x)
+    np.testing.assert_allclose(per_sample, jaxlrp.lrp_fn(_reference_net, composite)(params, x, target=0), rtol=1e-12)
+
+
+def test_a_kernel_is_differentiated_through_its_reference_and_closes_over_traced_arrays():
+    params, x = _setup()
+    params = {**params, "w2": jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)))}
+    grad = jax.grad(lambda p: _fused_net(p, x).sum())(params)
+    np.testing.assert_allclose(grad["w1"], jax.grad(lambda p: _reference_net(p, x).sum())(params)["w1"], rtol=1e-12)
+
+    @jax.jit
+    def closed(w1, x):  # the kernel and its reference close over w1, a tracer of this jit
+        fused = extend.with_reference(lambda x: _pallas_relu_matmul(x, w1), lambda x: _reference_relu_matmul(x, w1))
+        return jaxlrp.lrp_fn(lambda p, x: fused(x) @ p["w2"], composites.EpsilonPlus())(params, x)
+
+    np.testing.assert_allclose(closed(params["w1"], x), jaxlrp.lrp_fn(_reference_net, composites.EpsilonPlus())(params, x),
+                               rtol=1e-12)
+    # relevance is differentiable with respect to the parameters through the kernel's step
+    explain = jaxlrp.lrp_fn(_fused_net, composites.EpsilonPlus())
+    reference = jaxlrp.lrp_fn(_reference_net, composites.EpsilonPlus())
+    np.testing.assert_allclose(jax.grad(lambda p: explain(p, x).sum())(params)["w1"],
+                               jax.grad(lambda p: reference(p, x).sum())(params)["w1"], rtol=1e-9)
+
+
+def test_a_kernel_and_a_reference_that_disagree_are_an_error():
+    mismatched = extend.with_reference(_pallas_relu_matmul, lambda x, w: (x @ w)[:, :1])
+    with pytest.raises(TypeError, match="same structure, shapes and dtypes"):
+        mismatched(jnp.ones((2, 3)), jnp.ones((3, 4)))

@@ -9,7 +9,8 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxlrp import _internals, _plan, _program
+from jaxlrp import _analysis, _internals, _program
+from jaxlrp._ops import linear, selections
 
 
 def _eqns(fn, *args):
@@ -168,8 +169,8 @@ def test_varying_axes_inside_shard_map():
 
 # What the engine classifies by name: every primitive these functions emit must be among them.
 KNOWN = (
-    _program.ELEMENTWISE | _program.CALLS | set(_plan.WEIGHTED_PRIMITIVES) | set(_plan.FIXED_PRIMITIVES)
-    | _plan.GRADIENT | _plan.TAPS | {"scan", "iota", "argmax", "integer_pow", "reduce_and", "reduce_or"}
+    _program.ELEMENTWISE | _program.CALLS | set(linear.WEIGHTED_PRIMITIVES) | set(linear.FIXED_PRIMITIVES)
+    | selections.GRADIENT | _analysis.LOOKUPS | {"scan", "iota", "argmax", "integer_pow", "reduce_and", "reduce_or"}
 )
 
 CATALOGUE = {

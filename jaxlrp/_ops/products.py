@@ -1,0 +1,80 @@
+"""Products of two activations: a gate times a signal (LSTM, GRU, squeeze-and-excitation,
+Mamba), a gated MLP's branches. A row of kind "product" whose rule splits the relevance
+between the operands: `rules.Uniform()` (½ each, AttnLRP's) by default, `rules.SignalTakeAll()`
+to give it all to the signal (Arras et al. 2017). The row names the operands that come out of
+a gate function (`sigmoid(z)` or `1 − sigmoid(z)`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxlrp import _internals
+from jaxlrp._analysis import known
+from jaxlrp._execute import Run, read, relevance_call
+from jaxlrp._layer import Layer
+from jaxlrp._ops.base import JOINT, Step, classifier
+from jaxlrp._ops.linear_step import RESHAPING
+from jaxlrp._program import ELEMENTWISE, Atom, Node, Value
+from jaxlrp._table import PRODUCT, LayerInfo
+
+
+@dataclasses.dataclass(eq=False)
+class ProductStep(Step):
+    """`a ⊙ b` of two activations; `info.gates` names the operands that are gates."""
+
+    node: Node
+    info: LayerInfo
+
+    @property
+    def output(self) -> Value:
+        return self.node.outputs[0]
+
+    @property
+    def gates(self) -> tuple[bool, ...]:
+        """One flag per operand: whether it is a gate."""
+        return tuple(i in self.info.gates for i in range(len(self.node.inputs)))
+
+    def run(self, env: dict, run: Run) -> None:
+        node = self.node
+
+        def forward(xs, _):
+            return node.bind(*xs)[0]
+
+        def backward(xs, rule, output, relevance):
+            layer = Layer(lambda inputs, _: node.bind(*inputs)[0], None, output, gates=self.gates)
+            return rule(layer, xs, relevance)
+
+        xs = tuple(read(env, a) for a in node.inputs)
+        env[self.output] = relevance_call(forward, backward, xs, run.rules[self])
+
+
+@classifier("mul", order=JOINT)
+def _product(planner, node: Node, relevant) -> bool:
+    if len(relevant) != 2:
+        return False
+    path, module = planner.describe(node)
+    gates = tuple(i for i, a in enumerate(node.inputs) if _is_gate(planner, a))
+    info = LayerInfo(path, module, PRODUCT, input_shapes=tuple(tuple(a.shape) for a in node.inputs),
+                     output_shape=tuple(node.outputs[0].shape), gates=gates)
+    planner.steps[node] = ProductStep(node, info)
+    return True
+
+
+def _is_gate(planner, atom: Atom) -> bool:
+    """Comes out of a gate function: `sigmoid(z)` or `1 − sigmoid(z)` (an LSTM's or GRU's
+    gates), through reshapes and dtype conversions [Arras2017]."""
+    value, _ = planner.through(atom, RESHAPING)
+    node = planner.flow.producer.get(value) if isinstance(value, Value) else None
+    if node is None:
+        return False
+    if node.name == "logistic":
+        return True
+    if node.elementwise and node.name not in ELEMENTWISE:  # a call such as jax.nn.sigmoid's
+        body, _ = _internals.call_body(node.params)
+        return body is not None and len(body.eqns) == 1 and body.eqns[0].primitive.name == "logistic"
+    one = known(node.inputs[0])
+    if node.name == "sub" and one is not None and np.all(one == 1):
+        return _is_gate(planner, node.inputs[1])
+    return False
