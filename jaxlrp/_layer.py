@@ -50,6 +50,8 @@ class Layer:
         bfloat16 or float16), so `x·W'` may be read off it as `output − b'`.
       gates: for a product of activations (kind "product"), which operands come out of a gate
         function (`sigmoid(z)`, or `1 − sigmoid(z)`), one flag per input.
+      activated: for a product, which operand is the activated branch of a gated MLP (see
+        `LayerInfo.activated`), one flag per input.
     """
 
     linear: Callable[[Inputs, jax.Array | None], jax.Array]
@@ -61,6 +63,7 @@ class Layer:
     nonnegative_inputs: bool = False
     precise_output: bool = True
     gates: tuple[bool, ...] = ()
+    activated: tuple[bool, ...] = ()
 
     def modified(self, f: Modifier = _identity) -> Callable[[Inputs], jax.Array]:
         """`x ↦ L(x; f(W'))` for an elementwise, positively homogeneous `f` (no bias)."""

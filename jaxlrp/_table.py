@@ -46,6 +46,9 @@ class LayerInfo:
         (`.layers[3]`, `layers/3`, Haiku's `mlp/~/linear_2`). `NameMap` matches these too.
       gates: for a product, the positions of its operands that come out of a gate function
         (`sigmoid`, `1 − sigmoid`): the operands `rules.SignalTakeAll` gives no relevance.
+      activated: for a product of one operand that comes out of a nonlinear activation and one
+        that does not (a gated MLP's `act(x·W_g) ⊙ x·W_u`), the activated one's position: the
+        operand `rules.HoldActivated` (CP-LRP's held gate) gives no relevance.
     """
 
     path: str
@@ -56,6 +59,7 @@ class LayerInfo:
     output_shape: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
     gates: tuple[int, ...] = ()
+    activated: tuple[int, ...] = ()
 
     @property
     def param(self) -> str:
@@ -91,7 +95,7 @@ class RuleTable:
             rows = [(*r[:2], info.param, *r[2:]) for r, info in zip(rows, self.layers)]
         if any(info.kind == PRODUCT for info in self.layers):  # which operand of a product is a gate
             header = (*header, "gate")
-            rows = [(*r, ", ".join(f"input {i}" for i in info.gates)) for r, info in zip(rows, self.layers)]
+            rows = [(*r, _gate(info)) for r, info in zip(rows, self.layers)]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -99,3 +103,10 @@ class RuleTable:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+def _gate(info: LayerInfo) -> str:
+    """The "gate" column: the sigmoid gates, else the activated branch of a gated MLP."""
+    if info.gates:
+        return ", ".join(f"input {i}" for i in info.gates)
+    return ", ".join(f"input {i} (activated)" for i in info.activated)

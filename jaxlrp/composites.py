@@ -65,6 +65,7 @@ __all__ = [
     "LRP0",
     "AttnLRP",
     "CPLRP",
+    "HoldGatedMLP",
 ]
 
 Rule = _rules.Rule
@@ -294,7 +295,35 @@ def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None) -> LayerMap:
     return _transformer(epsilon, gamma, ())
 
 
-def CPLRP(epsilon: float = 1e-6, gamma: float | None = None) -> LayerMap:
+def CPLRP(epsilon: float = 1e-6, gamma: float | None = None, hold_gate: bool = True) -> Composite:
     """CP-LRP [Ali2022]: as `AttnLRP`, with the attention weights held constant: relevance
-    reaches the values through `V ↦ A·V` (the ε rule) and nothing flows into Q and K."""
-    return _transformer(epsilon, gamma, ("softmax",))
+    reaches the values through `V ↦ A·V` (the ε rule) and nothing flows into Q and K.
+
+    `hold_gate` (the default, as LXT 2.1's CP-LRP for Llama, Qwen and Gemma): a gated MLP's
+    activated branch is held too (`HoldGatedMLP`), so the linear branch takes the product's
+    relevance; with `False` the product splits evenly, as under AttnLRP. Held by default
+    because that is CP-LRP's own idea applied to the MLP's gate (the part of the computation
+    that decides how much passes, not what passes), and the reference it is checked against."""
+    held = _transformer(epsilon, gamma, ("softmax",))
+    return combine(HoldGatedMLP(), held) if hold_gate else held
+
+
+@jax.tree_util.register_pytree_node_class
+class HoldGatedMLP(Composite):
+    """`rules.HoldActivated()` for each product of a gated MLP (`act(x·W_g) ⊙ x·W_u`: one
+    activated operand, no sigmoid gate); no rule for other layers, so that combined with a
+    composite (`combine(HoldGatedMLP(), AttnLRP())`) the others keep theirs."""
+
+    def rules(self, layers):
+        return [_rules.HoldActivated() if info.kind == "product" and info.activated and not info.gates else None
+                for info in layers]
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls()
+
+    def __repr__(self):
+        return "HoldGatedMLP()"

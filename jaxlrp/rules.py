@@ -64,6 +64,7 @@ __all__ = [
     "Softmax",
     "Uniform",
     "SignalTakeAll",
+    "HoldActivated",
     "stabilize",
 ]
 
@@ -447,3 +448,21 @@ class SignalTakeAll(Rule):
             raise ValueError(f"SignalTakeAll needs a product of one gate and one signal; the gates are {layer.gates}.")
         return tuple((jnp.zeros_like(x) if gate else unbroadcast(relevance, jnp.shape(x)).astype(x.dtype))
                      for x, gate in zip(inputs, layer.gates))
+
+
+@rule
+class HoldActivated(Rule):
+    """A gated MLP's product `z = act(x·W_g) ⊙ x·W_u`: the activated branch is held constant,
+    taking no relevance, and the linear branch takes all of it: `R_act = 0`, `R_u = R` (LXT's
+    CP-LRP for Llama, Qwen and Gemma MLPs, which stops the gradient at the gate projection
+    [Ali2022]). The rule table's "gate" column names the activated operand.
+
+    >>> composites.LayerMap({"product": rules.HoldActivated()})
+    """
+
+    def __call__(self, layer, inputs, relevance):
+        if sum(layer.activated) != 1 or len(inputs) != 2:
+            raise ValueError(f"HoldActivated needs a product of one activated and one linear branch; "
+                             f"the activated operands are {layer.activated}.")
+        return tuple((jnp.zeros_like(x) if held else unbroadcast(relevance, jnp.shape(x)).astype(x.dtype))
+                     for x, held in zip(inputs, layer.activated))

@@ -101,3 +101,43 @@ def test_take_all_on_a_product_without_a_gate_is_an_error():
         jaxlrp.rule_table(swiglu, TAKE_ALL, params, x)
     with pytest.raises(ValueError, match="SignalTakeAll at layer"):
         jaxlrp.lrp_fn(swiglu, TAKE_ALL)(params, x)
+
+
+def _gated_mlp(params, x, held=False):
+    """A SiLU-gated MLP `(silu(x·G) ⊙ x·U)·O`; `held`: its gate branch under a stop_gradient,
+    as LXT's CP-LRP writes Llama's MLP."""
+    gate = jax.nn.silu(x @ params["gate"])
+    if held:
+        gate = jax.lax.stop_gradient(gate)
+    return (gate * (x @ params["signal"])) @ params["out"]
+
+
+@pytest.mark.float64
+def test_cplrp_holds_a_gated_mlps_activated_branch_as_lxt_does():
+    params, x = _gated_setup()
+    table = jaxlrp.rule_table(_gated_mlp, composites.CPLRP(epsilon=1e-10), params, x)
+    (product,) = [(info, rule) for info, rule in zip(table.layers, table.rules) if info.kind == "product"]
+    assert product[0].activated == (0,) and repr(product[1]) == "HoldActivated()"
+    assert "input 0 (activated)" in str(table)
+    relevance = jaxlrp.lrp_fn(_gated_mlp, composites.CPLRP(epsilon=1e-10))(params, x, target=1)
+    stopped = jaxlrp.lrp_fn(lambda p, x: _gated_mlp(p, x, held=True), composites.CPLRP(epsilon=1e-10))(params, x, target=1)
+    np.testing.assert_allclose(relevance, stopped, rtol=1e-7, atol=1e-12)
+    # without the hold, the product splits evenly, as under AttnLRP
+    even = jaxlrp.lrp_fn(_gated_mlp, composites.CPLRP(epsilon=1e-10, hold_gate=False))(params, x, target=1)
+    np.testing.assert_allclose(even, jaxlrp.lrp_fn(_gated_mlp, composites.AttnLRP(epsilon=1e-10))(params, x, target=1),
+                               rtol=1e-12)
+    assert not np.allclose(even, relevance, rtol=1e-3)
+    # the bias-free block conserves either way
+    for r in (relevance, even):
+        np.testing.assert_allclose(r.sum(-1), np.asarray(_gated_mlp(params, x))[:, 1], rtol=1e-7, atol=1e-9)
+
+
+def test_hold_gated_mlp_leaves_sigmoid_gates_and_other_layers_alone():
+    params, x = _gated_setup()
+    composite = composites.combine(composites.HoldGatedMLP(), composites.EpsilonPlus())
+    rules_by_kind = {info.kind: repr(rule) for info, rule in
+                     zip(*(lambda t: (t.layers, t.rules))(jaxlrp.rule_table(gated, composite, params, x)))}
+    assert rules_by_kind["product"] == "Uniform()" and rules_by_kind["dense"].startswith("Epsilon")
+    with pytest.raises(ValueError, match="HoldActivated needs"):
+        rules.HoldActivated()(jaxlrp.Layer(lambda i, w: i[0] * i[1], None, jnp.ones(3)), (jnp.ones(3), jnp.ones(3)),
+                              jnp.ones(3))

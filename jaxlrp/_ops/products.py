@@ -15,7 +15,7 @@ from jaxlrp._analysis import known
 from jaxlrp._execute import Run, read, relevance_call
 from jaxlrp._layer import Layer
 from jaxlrp._ops.base import JOINT, Step, classifier
-from jaxlrp._ops.linear_step import RESHAPING
+from jaxlrp._ops.linear_step import RESHAPING, VALUE_PRESERVING
 from jaxlrp._program import ELEMENTWISE, Atom, Node, Value
 from jaxlrp._table import PRODUCT, LayerInfo
 
@@ -36,6 +36,11 @@ class ProductStep(Step):
         """One flag per operand: whether it is a gate."""
         return tuple(i in self.info.gates for i in range(len(self.node.inputs)))
 
+    @property
+    def activated(self) -> tuple[bool, ...]:
+        """One flag per operand: whether it is a gated MLP's activated branch."""
+        return tuple(i in self.info.activated for i in range(len(self.node.inputs)))
+
     def run(self, env: dict, run: Run) -> None:
         node = self.node
 
@@ -43,7 +48,8 @@ class ProductStep(Step):
             return node.bind(*xs)[0]
 
         def backward(xs, rule, output, relevance):
-            layer = Layer(lambda inputs, _: node.bind(*inputs)[0], None, output, gates=self.gates)
+            layer = Layer(lambda inputs, _: node.bind(*inputs)[0], None, output, gates=self.gates,
+                          activated=self.activated)
             return rule(layer, xs, relevance)
 
         xs = tuple(read(env, a) for a in node.inputs)
@@ -56,8 +62,10 @@ def _product(planner, node: Node, relevant) -> bool:
         return False
     path, module = planner.describe(node)
     gates = tuple(i for i, a in enumerate(node.inputs) if _is_gate(planner, a))
+    activated = tuple(i for i, a in enumerate(node.inputs) if _is_activated(planner, a))
     info = LayerInfo(path, module, PRODUCT, input_shapes=tuple(tuple(a.shape) for a in node.inputs),
-                     output_shape=tuple(node.outputs[0].shape), gates=gates)
+                     output_shape=tuple(node.outputs[0].shape), gates=gates,
+                     activated=activated if len(activated) == 1 else ())
     planner.steps[node] = ProductStep(node, info)
     return True
 
@@ -77,4 +85,30 @@ def _is_gate(planner, atom: Atom) -> bool:
     one = known(node.inputs[0])
     if node.name == "sub" and one is not None and np.all(one == 1):
         return _is_gate(planner, node.inputs[1])
+    return False
+
+
+# Elementwise ops that keep a region affine in its source: what is not one of these makes the
+# region a nonlinear activation.
+_AFFINE_ELEMENTWISE = frozenset("add sub mul div neg".split()) | VALUE_PRESERVING
+
+
+def _is_activated(planner, atom: Atom) -> bool:
+    """Comes out of an elementwise region with a nonlinear op in it (`silu(z)`, `gelu(z)`),
+    through reshapes and dtype conversions: a gated MLP's gate branch."""
+    value, _ = planner.through(atom, RESHAPING)
+    node = planner.flow.producer.get(value) if isinstance(value, Value) else None
+    source = planner.region.get(node)
+    if source is None:
+        return False
+    stack, seen = [node], set()
+    while stack:
+        member = stack.pop()
+        if member in seen:
+            continue
+        seen.add(member)
+        if member.name not in _AFFINE_ELEMENTWISE:
+            return True
+        stack.extend(planner.flow.producer[a] for a in member.inputs
+                     if isinstance(a, Value) and a in planner.flow.producer and planner.region.get(planner.flow.producer[a]) is source)
     return False
