@@ -19,7 +19,8 @@ fails there, by name, instead of as a wrong heatmap:
   `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
   `feature_group_count`, `batch_group_count` (`conv_layout`); `dot_general`'s
   `dimension_numbers` as `((lhs contracting, rhs contracting), (lhs batch, rhs batch))`
-  (`dot_layout`); a reduction's `axes` (`reduce_axes`); a matmul's or convolution's
+  (`dot_layout`); `gather`'s `offset_dims` and `operand_batching_dims` (`gather_layout`); a
+  reduction's `axes` (`reduce_axes`); a matmul's or convolution's
   `preferred_element_type` (`with_accumulation`).
 * **Primitive names**: which primitive each `jnp`, `lax` and `nn` function emits (jax 0.10 made
   `jnp.stack` a primitive of its own, for instance). The engine's sets of names
@@ -112,6 +113,19 @@ def dot_layout(params: dict) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], t
     """`((lhs contracting, rhs contracting), (lhs batch, rhs batch))` of a `dot_general`."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherLayout:
+    """The output axes that hold the gathered slices, and the operand's batching axes."""
+
+    offset_dims: tuple[int, ...]
+    operand_batching_dims: tuple[int, ...]
+
+
+def gather_layout(params: dict) -> GatherLayout:
+    numbers = params["dimension_numbers"]
+    return GatherLayout(tuple(numbers.offset_dims), tuple(getattr(numbers, "operand_batching_dims", ())))
 
 
 def reduce_axes(params: dict) -> tuple[int, ...]:

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, _warn, rules as _rules
+from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, _tokens, _warn, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
-from jaxlrp._program import Traced, Value, from_closed_jaxpr, varying_axes
+from jaxlrp._program import Traced, from_closed_jaxpr, varying_axes
 from jaxlrp._table import AFFINE_KIND, FIXED, PRODUCT, TRANSFORMER, RuleTable
 from jaxlrp.composites import Composite
 
@@ -374,7 +374,7 @@ def _output_and_relevance(
     recorded, masks = _hook_values(plan, traced.describe, record, conditions or {})
     floats = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
     token_taps = [t.node.outputs[0] for t in plan.taps()]
-    owners = _tap_owners(plan, token_taps, leaves, floats)
+    reads = _tokens.token_reads(plan, leaves, floats)
     # Taps (zeros whose cotangent is the relevance arriving there) vary, inside jax.shard_map,
     # along the input's manual axes, as the values they are added to do: else their cotangent
     # would be summed over the devices.
@@ -403,39 +403,12 @@ def _output_and_relevance(
     per_leaf = [None] * len(leaves)
     for i, r in zip(floats, at_floats):
         per_leaf[i] = r
-    for i in range(len(leaves)):
-        if per_leaf[i] is None:  # token ids: the relevance at their embeddings, summed over features
-            per_leaf[i] = sum(r.sum(axis=-1) for r, owner in zip(at_taps, owners) if owner == i)
+    for i, r in _tokens.token_relevance(reads, at_taps, leaves, floats).items():
+        per_leaf[i] = r  # token ids: the relevance at their embeddings, summed over features
     relevance = treedef.unflatten(per_leaf)
     if not record:
         return out, relevance
     return out, Explanation(relevance, dict(zip(recorded, at_layers)), dict(zip(recorded, activations)))
-
-
-def _tap_owners(plan: Plan, taps: list, leaves: list, floats: list[int]) -> list[int]:
-    """For each embedding lookup, the integer input leaf whose ids it reads; every integer leaf
-    needs one (an integer input carries no relevance itself)."""
-    program = plan.program
-    first = len(program.inputs) - len(leaves)
-    derived = {program.inputs[first + i]: i for i in range(len(leaves)) if i not in floats}
-    for node in program.nodes:
-        sources = {derived[a] for a in node.inputs if isinstance(a, Value) and a in derived}
-        if len(sources) == 1:
-            derived.update((v, next(iter(sources))) for v in node.outputs)
-    by_output = {t.node.outputs[0]: t.node for t in plan.taps()}
-    owners = []
-    for tap in taps:
-        ids = {derived[a] for a in by_output[tap].inputs[1:] if isinstance(a, Value) and a in derived}
-        if len(ids) != 1:
-            raise TypeError(
-                "jaxlrp: an embedding lookup reads ids computed from several integer inputs; their "
-                "relevance cannot be told apart. Explain them as one input."
-            )
-        owners.append(next(iter(ids)))
-    for i, leaf in enumerate(leaves):
-        if i not in floats:
-            _check_token_taps([t for t, owner in zip(taps, owners) if owner == i], leaf)
-    return owners
 
 
 def _hook_values(plan: Plan, describe, record, conditions: dict) -> tuple[dict, dict]:
@@ -463,13 +436,3 @@ def _varying_like(x, trees):
     axes = frozenset().union(*(varying_axes(leaf) for leaf in jax.tree.leaves(trees) if isinstance(leaf, jax.Array)))
     missing = tuple(sorted(axes - varying_axes(x)))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _check_token_taps(taps, x) -> None:
-    """Integer inputs: relevance is read at the embedding output(s), one per token."""
-    if not taps or any(t.shape[:-1] != x.shape for t in taps):
-        raise TypeError(
-            "jaxlrp: an integer input carries no relevance itself; it is explained through an "
-            f"embedding lookup of shape {x.shape} + (features,), and this model has "
-            f"{'none' if not taps else [t.shape for t in taps]}. Pass a floating-point input."
-        )
