@@ -101,16 +101,19 @@ def is_lookup(node: Node, is_active) -> bool:
     )
 
 
-def analyze(program: Program, explained: list[bool]) -> Flow:
-    """The flow of `program` whose inputs flagged `explained` are explained."""
+def analyze(program: Program, explained: list[bool], learned_inputs: list[bool] | None = None) -> Flow:
+    """The flow of `program` whose inputs flagged `explained` are explained; the others are
+    the parameters, unless `learned_inputs` says which are (a scan body's inputs that carry no
+    relevance may be computed from the input, as a held selection parameter is)."""
     active = {v for v, a in zip(program.inputs, explained) if a}
     carrying = {v for v in active if is_float(v)}
-    learned = {v for v, a in zip(program.inputs, explained) if not a}
+    learned_flags = [not a for a in explained] if learned_inputs is None else learned_inputs
+    learned = {v for v, a in zip(program.inputs, learned_flags) if a}
     for node in program.nodes:
         if any(isinstance(a, Value) and a in learned for a in node.inputs):
             learned.update(node.outputs)
         if node.body is not None:  # scan, a kernel with a reference: what the body carries out
-            outs = [v for v, c in zip(node.outputs, body_flow(node, carrying).output_carries()) if c]
+            outs = [v for v, c in zip(node.outputs, analyze(node.body, body_flags(node, carrying)).output_carries()) if c]
             active.update(outs)
             carrying.update(outs)
         elif any(isinstance(a, Value) and a in active for a in node.inputs):
@@ -147,10 +150,6 @@ def body_flags(node: Node, carrying) -> list[bool]:
         if new == flags:
             return flags
         flags = new
-
-
-def body_flow(node: Node, carrying) -> Flow:
-    return analyze(node.body, body_flags(node, carrying))
 
 
 def _statistics(flow: Flow) -> set[Value]:

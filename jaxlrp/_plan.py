@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from jaxlrp import _internals
 from jaxlrp._analysis import Flow, analyze, body_flags
 from jaxlrp._ops import base  # importing jaxlrp._ops registers the operation families
 from jaxlrp._ops.base import UnsupportedOperation
@@ -77,10 +78,11 @@ def make_plan(
 class Planner:
     """The state of planning one program, which the operation families read and extend."""
 
-    def __init__(self, flow: Flow, config: PlanConfig, names: dict[Value, tuple[str, ...]]):
+    def __init__(self, flow: Flow, config: PlanConfig, names: dict[Value, tuple[str, ...]], state=()):
         self.flow = flow
         self.config = config
         self.names = names
+        self.state = frozenset(state)  # a scan body's carry: the recurrence's state
         self.held: set[tuple[Node, int]] = set()  # (node, input position) taking a constant
         self.groups: dict[Node, Callable[[], None]] = {}  # first node -> builder of its step
         self.absorbed: set[Node] = set()  # nodes inside a claimed group or a layer's chain
@@ -155,9 +157,17 @@ class Planner:
     def body_plan(self, node: Node) -> Plan:
         """The plan of `node`'s body (a scan's, a kernel's reference), made with this plan's
         configuration (CP-LRP holds inside a scan body too) and names."""
+        return self.body_planner(node).plan()
+
+    def body_planner(self, node: Node) -> Planner:
         names = {b: self.names[a] for b, a in zip(node.body.inputs, node.inputs) if a in self.names}
-        flow = analyze(node.body, body_flags(node, self.flow.carrying))
-        return Planner(flow, self.config, names).plan()
+        learned = [not self.flow.is_active(a) for a in node.inputs]  # parameters, not held activations
+        flow = analyze(node.body, body_flags(node, self.flow.carrying), learned)
+        state = ()
+        if node.name == "scan":
+            layout = _internals.scan_layout(node.params)
+            state = node.body.inputs[layout.num_consts : layout.num_consts + layout.num_carry]
+        return Planner(flow, self.config, names, state)
 
     def _unknown(self, node: Node) -> str:
         name = node.name

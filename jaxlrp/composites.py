@@ -66,6 +66,7 @@ __all__ = [
     "AttnLRP",
     "CPLRP",
     "HoldGatedMLP",
+    "MambaLRP",
 ]
 
 Rule = _rules.Rule
@@ -123,8 +124,9 @@ class LayerMap(Composite):
         self.mapping = dict(mapping)
         self.stabilizer = stabilizer
         self.hold = frozenset(hold)
-        if not self.hold <= {"softmax"}:
-            raise ValueError(f"LayerMap can hold constant only 'softmax' outputs, got {sorted(self.hold)}.")
+        if not self.hold <= {"softmax", "selection"}:
+            raise ValueError(f"LayerMap can hold constant only 'softmax' outputs and 'selection' parameters, "
+                             f"got {sorted(self.hold)}.")
         if isinstance(first, Rule):
             first = {WEIGHTED: first}
         self.first = None if first is None else dict(first)
@@ -327,3 +329,14 @@ class HoldGatedMLP(Composite):
 
     def __repr__(self):
         return "HoldGatedMLP()"
+
+
+def MambaLRP(epsilon: float = 1e-6) -> LayerMap:
+    """MambaLRP [Jafari2024] for selective state-space models (Mamba): SiLU and the other
+    activations Pass; the selection parameters Δ, A̅ = exp(Δ·A), B and C, computed from the
+    input, held constant (`hold=("selection",)`, see `jaxlrp._ops.ssm`), so that relevance
+    flows along the signal `u → Δ·B·u → h → y` and conserves; Epsilon(ε) for dense and conv
+    layers (the projections, the depthwise convolution) and ε for every stabilizer. The output
+    gate `y ⊙ silu(z)`, whose operands both only modulate, splits evenly (`Uniform`)."""
+    return LayerMap({WEIGHTED: _rules.Epsilon(epsilon), "bilinear": _rules.Bilinear(epsilon),
+                     "affine": _rules.Epsilon(epsilon)}, stabilizer=epsilon, hold=("selection",))

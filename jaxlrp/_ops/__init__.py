@@ -15,4 +15,5 @@ from jaxlrp._ops import (  # noqa: F401
     regions,
     selections,
     softmax,
+    ssm,
 )
