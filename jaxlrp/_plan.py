@@ -126,6 +126,12 @@ class Planner:
         """Positions of the inputs of `node` that carry relevance into it."""
         return tuple(i for i, a in enumerate(node.inputs) if self.carries(a) and (node, i) not in self.held)
 
+    def every_use(self, value: Value, accept: Callable[[Node], bool]) -> bool:
+        """Whether `value` is used, and `accept(user)` holds for each use (a program output
+        never does)."""
+        users = self.flow.users(value)
+        return bool(users) and all(user is not None and accept(user) for user in users)
+
     def claim(self, nodes: list[Node], build: Callable[[], None]) -> None:
         """Claims `nodes` as one operation, whose step `build()` makes at the first node."""
         self.groups[nodes[0]] = build

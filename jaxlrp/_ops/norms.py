@@ -81,20 +81,14 @@ def _centering_nodes(planner, node: Node) -> list[Node] | None:
 def _feeds_statistics_only(planner, value: Value) -> bool:
     """Whether every use of `value` ends, through elementwise and structural ops, in a
     reduction that is a statistic (the variance's `(x − mean)²`)."""
-    users = planner.flow.users(value)
-    if not users:
-        return False
-    for user in users:
-        if user is None:
-            return False
+
+    def ends_in_statistic(user: Node) -> bool:
         if user.name.startswith("reduce_"):
-            if not all(v in planner.flow.statistics for v in user.outputs):
-                return False
-        elif not (user.elementwise or user.name in STRUCTURAL) or not all(
-            _feeds_statistics_only(planner, v) for v in user.outputs
-        ):
-            return False
-    return True
+            return all(v in planner.flow.statistics for v in user.outputs)
+        return (user.elementwise or user.name in STRUCTURAL) and all(
+            _feeds_statistics_only(planner, v) for v in user.outputs)
+
+    return planner.every_use(value, ends_in_statistic)
 
 
 # ---- A norm written as `x·inv + (β − mean·inv)` (Keras): affine in x once inv is held ------

@@ -75,25 +75,16 @@ class _Modulation:
 
     def _uses_modulate(self, value: Value) -> bool:
         planner = self.planner
-        users = planner.flow.users(value)
-        if not users:
-            return False
-        for user in users:
-            if user is None:
-                return False
+
+        def modulating(user: Node) -> bool:
             others = [a for a in user.inputs if a is not value]
             if user.name in _FACTORS and len(others) == 1 and planner.carries(others[0]):
-                continue
+                return True
             if user.elementwise or user.name in STRUCTURAL:
-                if not all(self(v) for v in user.outputs if planner.carries(v)):
-                    return False
-                continue
-            if user.body is not None and user.name == "scan":
-                if not self._modulates_in_body(user, value):
-                    return False
-                continue
-            return False
-        return True
+                return all(self(v) for v in user.outputs if planner.carries(v))
+            return user.name == "scan" and self._modulates_in_body(user, value)
+
+        return planner.every_use(value, modulating)
 
     def _modulates_in_body(self, scan: Node, value: Value) -> bool:
         body = self.planner.body_planner(scan)
