@@ -56,11 +56,11 @@ def main():
 
     @jax.jit
     def all_at_once(variables, x, masks):
-        return jax.vmap(lambda m: explain(variables, x, None, conditions={layer: m}).input)(masks)
+        return jax.vmap(lambda m: explain(variables, x, conditions={layer: m}).input)(masks)
 
     @jax.jit
     def one(variables, x, mask):
-        return explain(variables, x, None, conditions={layer: mask}).input
+        return explain(variables, x, conditions={layer: mask}).input
 
     def looped():
         return [one(variables, x, m) for m in masks]

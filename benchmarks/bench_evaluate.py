@@ -68,12 +68,12 @@ def main():
     x_train, y_train, x_test, y_test = demo.load_digits(0)
     model, variables = demo.train(x_train, y_train, epochs=3)
     x, target = jnp.asarray(x_test[: args.digits]), jnp.asarray(y_test[: args.digits])
-    relevance = jax.jit(jaxlrp.lrp(model, composites.EpsilonPlusFlat()))(variables, x, target)
+    relevance = jax.jit(jaxlrp.lrp(model, composites.EpsilonPlusFlat()))(variables, x, target=target)
     apply = jax.jit(functools.partial(model.apply, variables))
 
     @jax.jit
     def compiled(x, relevance, target):
-        return evaluate.region_perturbation(apply, x, relevance, target, patch=PATCH)
+        return evaluate.region_perturbation(apply, x, relevance, target=target, patch=PATCH)
 
     start = time.perf_counter()
     curve = jax.block_until_ready(compiled(x, relevance, target))
@@ -92,14 +92,14 @@ def main():
         return composites.EpsilonGammaBox(low=0.0, high=1.0, gamma=gamma)
 
     def swept():
-        return evaluate.sweep(make, {"gamma": gammas}, model, variables, x, target, patch=PATCH).scores
+        return evaluate.sweep(make, {"gamma": gammas}, model, variables, x, target=target, patch=PATCH).scores
 
     def looped():
         @jax.jit  # a new function each call: compiled in its first call, as sweep compiles once per call
         def one_point(gamma, x, target):
-            r = jaxlrp.lrp(model, make(gamma))(variables, x, target)
-            morf = evaluate.region_perturbation(apply, x, r, target, patch=PATCH)
-            lerf = evaluate.region_perturbation(apply, x, r, target, patch=PATCH, order="lerf")
+            r = jaxlrp.lrp(model, make(gamma))(variables, x, target=target)
+            morf = evaluate.region_perturbation(apply, x, r, target=target, patch=PATCH)
+            lerf = evaluate.region_perturbation(apply, x, r, target=target, patch=PATCH, order="lerf")
             return evaluate.abpc(morf, lerf).mean()
 
         return jnp.stack([one_point(g, x, target) for g in gammas])

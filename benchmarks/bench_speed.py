@@ -102,7 +102,7 @@ def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
     torch.set_grad_enabled(True)
     for composite in COMPOSITES:
         explain = jaxlrp.lrp(model, ours(composite))
-        rows[composite] = compile_jax(lambda v, x: explain(v, x, target), (variables, x))
+        rows[composite] = compile_jax(lambda v, x: explain(v, x, target=target), (variables, x))
 
         def zennit_call(composite=composite):
             with Gradient(torch_model, theirs(zennit, composite)) as attributor:
@@ -116,17 +116,17 @@ def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
         row["vs_zennit"] = row["seconds"] / reference["seconds"]
         reference = reference["result"].detach().numpy().transpose(0, 2, 3, 1)
         row["difference_to_zennit"] = float(np.abs(np.asarray(row["result"]) - reference).max() / np.abs(reference).max())
-    rows["eager first call"] = first_calls(jaxlrp.lrp(model, ours("EpsilonPlusFlat")), variables, x, target)
+    rows["eager first call"] = first_calls(jaxlrp.lrp(model, ours("EpsilonPlusFlat")), variables, x, target=target)
     return rows
 
 
-def first_calls(explain, *args) -> dict:
+def first_calls(explain, *args, **kwargs) -> dict:
     """The first call of `explain` outside `jit` against the first call of `jax.jit(explain)`."""
     start = time.perf_counter()
-    jax.block_until_ready(jax.jit(explain)(*args))
+    jax.block_until_ready(jax.jit(explain)(*args, **kwargs))
     jitted = time.perf_counter() - start
     start = time.perf_counter()
-    jax.block_until_ready(explain(*args))
+    jax.block_until_ready(explain(*args, **kwargs))
     eager = time.perf_counter() - start
     return {"seconds": eager, "jit_first_call_seconds": jitted, "vs_jit_first_call": eager / jitted}
 
@@ -141,7 +141,7 @@ def bench_decoder(batch: int, repeats: int, layers=2, width=128, length=64) -> d
             "jax.grad": compile_jax(grad, (params, tokens))}
     for composite in ("AttnLRP", "CPLRP"):
         explain = jaxlrp.lrp(model, getattr(composites, composite)())
-        rows[composite] = compile_jax(lambda p, t: explain(p, t, target), (params, tokens))
+        rows[composite] = compile_jax(lambda p, t: explain(p, t, target=target), (params, tokens))
     time_interleaved(rows, repeats)
     return rows
 

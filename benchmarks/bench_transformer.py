@@ -103,8 +103,8 @@ def run(layers: int, width: int, length: int, batch: int, repeats: int, remat: b
     methods = {
         "forward": forward,
         "jax.grad": embedding_gradient(model, target, width),
-        "AttnLRP": lambda p, t: jaxlrp.lrp(model, composites.AttnLRP())(p, t, target),
-        "CPLRP": lambda p, t: jaxlrp.lrp(model, composites.CPLRP())(p, t, target),
+        "AttnLRP": lambda p, t: jaxlrp.lrp(model, composites.AttnLRP())(p, t, target=target),
+        "CPLRP": lambda p, t: jaxlrp.lrp(model, composites.CPLRP())(p, t, target=target),
     }
     results = {name: measure(fn, (params, tokens), repeats) for name, fn in methods.items()}
     for name in ("AttnLRP", "CPLRP"):

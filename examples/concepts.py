@@ -39,14 +39,14 @@ def main():
     channels, relevance = np.asarray(channels[0]), np.asarray(relevance[0])
     total = float(explanation.input.sum())
     masks = jax.nn.one_hot(channels, explanation.layers[LAYER].shape[-1], dtype=x.dtype)
-    conditional = jax.jit(jax.vmap(lambda m: explain(variables, x, None, conditions={LAYER: m}).input))(masks)
+    conditional = jax.jit(jax.vmap(lambda m: explain(variables, x, conditions={LAYER: m}).input))(masks)
     predicted = int(np.argmax(model.apply(variables, x)[0]))
     print(f"digit {int(y_test[0])}, predicted {predicted}, relevance {total:.4f}")
     for c, r in zip(channels, relevance):
         print(f"concept {LAYER}[{c}]: relevance {r:.4f} ({100 * r / total:.1f}% of the prediction's)")
     # The backward pass is linear in the relevance: every channel's conditional map adds up to the map.
     every = jax.nn.one_hot(jnp.arange(masks.shape[-1]), masks.shape[-1], dtype=x.dtype)
-    summed = jax.jit(jax.vmap(lambda m: explain(variables, x, None, conditions={LAYER: m}).input))(every).sum(axis=0)
+    summed = jax.jit(jax.vmap(lambda m: explain(variables, x, conditions={LAYER: m}).input))(every).sum(axis=0)
     print(f"sum of all {masks.shape[-1]} conditional maps / map: {float(summed.sum()) / total:.6f}")
 
     # 2. Reference samples: the training digits where each concept is most relevant (RelMax).
@@ -57,7 +57,7 @@ def main():
     refs = np.asarray(indices)[channels]  # (concepts, refs)
     ref_x = jnp.asarray(data[refs.reshape(-1)])
     ref_masks = jnp.repeat(masks, n_refs, axis=0)  # each reference conditioned on its own concept
-    ref_maps = jax.jit(lambda x, m: explain(variables, x, None, conditions={LAYER: m}).input)(ref_x, ref_masks)
+    ref_maps = jax.jit(lambda x, m: explain(variables, x, conditions={LAYER: m}).input)(ref_x, ref_masks)
     boxes = np.asarray(concepts.receptive_field_crop(ref_maps, threshold=0.2))
     print(f"reference samples ({len(data)} training digits searched):")
     for c, row in zip(channels, refs):

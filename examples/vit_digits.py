@@ -98,7 +98,7 @@ def main():
     n_sweep = 32 if args.small else 256
     sweep = evaluate.sweep(
         lambda gamma: composites.AttnLRP(epsilon=1e-6, gamma=gamma), {"gamma": gammas}, model, variables,
-        x_test[:n_sweep], y_test[:n_sweep], patch=(2, 2, 1), baseline="uniform", key=jax.random.key(1),
+        x_test[:n_sweep], target=y_test[:n_sweep], patch=(2, 2, 1), baseline="uniform", key=jax.random.key(1),
     )
     print("AttnLRP ABPC by γ: " + "  ".join(f"{g}: {s:.3f}" for g, s in zip(gammas, np.asarray(sweep.scores)))
           + f"  -> γ = {sweep.best['gamma']}")

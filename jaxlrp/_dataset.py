@@ -37,8 +37,8 @@ def explain_dataset(
     explain: Callable,
     variables,
     x,
-    targets=None,
     *,
+    targets=None,
     out: str | os.PathLike,
     batch_size: int,
     mesh: jax.sharding.Mesh | None = None,
@@ -48,15 +48,17 @@ def explain_dataset(
     """Explains every sample of `x` and writes the relevance to a zarr array at `out`.
 
     Args:
-      explain: `explain(variables, x, target)` as returned by `jaxlrp.lrp` (Linen, NNX
-        GraphDef, plain function); with `variables=None`, `explain(x, target)` (a stateful NNX
-        module).
+      explain: `explain(variables, x, target=...)` as returned by `jaxlrp.lrp` (Linen, NNX
+        GraphDef, plain function) or a `jaxlrp.attribution` baseline; with `variables=None`,
+        `explain(x, target=...)` (a stateful NNX module). What it explains of the model's
+        output is its own `output=` (`jaxlrp.lrp(model, composite, output=lambda out:
+        out["logits"])`); the targets refer to that selection.
       variables: the model's variables (replicated over the mesh unless already sharded).
       x: an array-like with `shape` and row slicing (`x[a:b]`): a NumPy array, a memmap, a zarr
         or tensorstore array. Batches are read as they are needed, the next while the current
         one computes.
-      targets: `None` (each sample's arg-max), or an array-like of `len(x)` rows: a class per
-        sample or the initial relevance per sample (see `jaxlrp.lrp`).
+      targets: keyword-only; `None` (each sample's arg-max), or an array-like of `len(x)` rows:
+        a class per sample or the initial relevance per sample (see `jaxlrp.lrp`).
       out: the directory of the zarr array. If it holds one (a run that was stopped), the run
         goes on where it stopped: batches whose chunks are all present are skipped.
       batch_size: samples per step, a multiple of the mesh's `"data"` axis size. The last batch
@@ -72,7 +74,7 @@ def explain_dataset(
     Example::
 
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
-        relevance = jaxlrp.explain_dataset(explain, variables, images, labels,
+        relevance = jaxlrp.explain_dataset(explain, variables, images, targets=labels,
                                            out="relevance.zarr", batch_size=256)
     """
     if targets is not None and not hasattr(targets, "shape"):
@@ -92,9 +94,9 @@ def explain_dataset(
     starts = _pending(range(0, n, batch_size), done, chunk_rows, shards, n)
 
     if variables is None:
-        compute = jax.jit(lambda x, t: explain(x, t), out_shardings=sharding)
+        compute = jax.jit(lambda x, t: explain(x, target=t), out_shardings=sharding)
     else:
-        compute = jax.jit(lambda v, x, t: explain(v, x, t), out_shardings=sharding)
+        compute = jax.jit(lambda v, x, t: explain(v, x, target=t), out_shardings=sharding)
     args = () if variables is None else (_replicated(variables, sharding),)
 
     batches = _run_batches(compute, args, x, targets, starts, batch_size, n, sharding, progress, "explaining")
@@ -115,8 +117,8 @@ def relevance_maximization(
     variables,
     data,
     path: str,
-    targets=None,
     *,
+    targets=None,
     k: int = 8,
     batch_size: int,
     mesh: jax.sharding.Mesh | None = None,
@@ -129,8 +131,8 @@ def relevance_maximization(
     reference samples (Achtibat et al. 2023).
 
     Args:
-      explain: `explain(variables, x, target)` recording `path`:
-        `jaxlrp.lrp(model, composite, record=(path,))` (`variables=None`: `explain(x, target)`).
+      explain: `explain(variables, x, target=...)` recording `path`:
+        `jaxlrp.lrp(model, composite, record=(path,))` (`variables=None`: `explain(x, target=...)`).
       data, targets, batch_size, mesh, progress: as for `explain_dataset`; batches are sharded
         over the mesh's `"data"` axis and read while the previous one computes.
       by: `"relevance"` or `"activation"`.
@@ -169,9 +171,9 @@ def relevance_maximization(
     # The (batch, channels) scores are small: gathered on every device for the merge.
     gathered = sharding if isinstance(sharding, SingleDeviceSharding) else NamedSharding(sharding.mesh, PartitionSpec())
     if variables is None:
-        compute = jax.jit(lambda x, t: scores(explain(x, t)), out_shardings=gathered)
+        compute = jax.jit(lambda x, t: scores(explain(x, target=t)), out_shardings=gathered)
     else:
-        compute = jax.jit(lambda v, x, t: scores(explain(v, x, t)), out_shardings=gathered)
+        compute = jax.jit(lambda v, x, t: scores(explain(v, x, target=t)), out_shardings=gathered)
     args = () if variables is None else (_replicated(variables, sharding),)
 
     @jax.jit

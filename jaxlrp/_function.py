@@ -1,4 +1,5 @@
-"""Binding for plain JAX functions `fn(*args)` written with jnp / lax / jax.nn.
+"""Tracing for plain JAX functions `fn(*args)` written with jnp / lax / jax.nn (used by
+`_bindings.Function`).
 
 Each matmul or convolution with one parameter operand is a layer (kinds "dense", "conv").
 Its path is the `jax.named_scope` it was traced in, and its names are those of its weight

@@ -1,4 +1,5 @@
-"""Binding for Flax Linen: trace `module.apply` with each module call marked in the name stack.
+"""Tracing for Flax Linen (used by `_bindings.Linen`): `module.apply` with each module call
+marked in the name stack.
 
 `nn.intercept_methods` is entered inside the traced function, so it works under any outer
 `jit`. Each intercepted method call opens a `jax.named_scope` whose name holds the module's

@@ -1,4 +1,5 @@
-"""Binding for Flax NNX: trace a fresh copy of the model with each module call marked.
+"""Tracing for Flax NNX (used by `_bindings.NNXModule` and `NNXGraphDef`): a fresh copy of the
+model with each module call marked.
 
 NNX has no method interceptor. `nnx.merge(graphdef, state)` builds a new copy of the model
 inside the traced function; each module of that copy (never the user's) gets a one-off

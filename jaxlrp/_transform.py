@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
-import flax.linen as nn
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxlrp import _checks, _eager, _function, _hooks, _linen, _nnx, _tokens, _warn, rules as _rules
+from jaxlrp import _bindings, _checks, _hooks, _tokens, _warn, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
@@ -23,20 +19,24 @@ __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
 
 
 def lrp(
-    model, composite: Composite, record: Sequence[str] = (), output: Callable | None = None, **apply_kwargs
+    model, composite: Composite, *, record: Sequence[str] = (), output: Callable | None = None, **model_kwargs
 ) -> Callable[..., jax.Array]:
-    """Turns a Flax model into a function that returns a relevance map shaped like its input.
+    """Turns a Flax model or a plain JAX function into a function that returns a relevance map
+    shaped like its input.
 
-    * Linen module: `explain(variables, x, target=None)`.
-    * NNX module: `explain(x, target=None)`, reading the module's current state at each call.
-    * NNX GraphDef (from `graphdef, state = nnx.split(model)`): `explain(state, x,
+    * Linen module: `explain(variables, x, *, target=None)`.
+    * NNX module: `explain(x, *, target=None)`, reading the module's current state at each call.
+    * NNX GraphDef (from `graphdef, state = nnx.split(model)`): `explain(state, x, *,
       target=None)`, the pure form: under `jax.jit` the weights are arguments, not constants,
       so one compiled function serves every weight set, and `state` can be sharded.
-    * A plain function `fn(params, x)`: `explain(params, x, target=None)` (see `lrp_fn` for
-      other signatures).
+    * A plain function `fn(params, x)`: `explain(params, x, *, target=None)`; `argnums=` names
+      another explained argument, as in `lrp_fn` (`lrp(fn, c, argnums=2)(params, None, x)`).
 
-    Keyword arguments of `explain` beyond `target` go to the model at call time (`mask=`,
-    `positions=`): arrays that vary per call and are not explained, traced under `jax.jit`.
+    `target` and `conditions` are keyword-only: a positional argument beyond the call form is
+    an error, never passed to the model. Other keyword arguments of `explain` go to the model
+    at call time (`mask=`, `positions=`): arrays that vary per call and are not explained,
+    traced under `jax.jit`. `model_kwargs` go to the model at every call (`model.apply` for
+    Linen, the module call for NNX, `fn` itself: `train=False`).
 
     `output`, a function of what the model returns, selects what is explained: a dict's or a
     dataclass's entry, `lambda logits: logits[:, -1]` for a language model's last position.
@@ -65,8 +65,7 @@ def lrp(
     sharding. Under `jax.jit`, the stateful NNX form bakes the weights in as constants: jit the
     GraphDef form (or use `nnx.jit`) to pass them as arguments. To try new hyperparameters
     without recompiling, build the composite inside the jitted function from traced values
-    (`jax.jit(lambda eps, v, x: lrp(model, EpsilonPlus(epsilon=eps))(v, x))`).
-    `apply_kwargs` go to `model.apply` (Linen) or the module call (NNX). For a model
+    (`jax.jit(lambda eps, v, x: lrp(model, EpsilonPlus(epsilon=eps))(v, x))`). For a model
     whose input is integer token ids, relevance is read at the embedding output and summed over
     the feature axis, one value per token. NNX models are explained in eval mode, on a copy.
 
@@ -75,62 +74,41 @@ def lrp(
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
         relevance = jax.jit(explain)(variables, x, target=3)
     """
-    with_output = output_and_lrp(model, composite, record, output, **apply_kwargs)
-
-    @functools.wraps(with_output)
-    def explain(*args, **kwargs):
-        return with_output(*args, **kwargs)[1]
-
-    return explain
+    return _bindings.result_only(output_and_lrp(model, composite, record=record, output=output, **model_kwargs))
 
 
 def output_and_lrp(
-    model, composite: Composite, record: Sequence[str] = (), output: Callable | None = None, **apply_kwargs
+    model, composite: Composite, *, record: Sequence[str] = (), output: Callable | None = None, **model_kwargs
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`); the
     output is what `output` selects, when given."""
-    _check_composite(composite)
-    record = _check_record(record)
-    if isinstance(model, nnx.Module):  # its current state, read at each call, is an argument
-        pure = output_and_lrp(nnx.graphdef(model), composite, record, output, **apply_kwargs)
-
-        def explain(x, target=None, **call_kwargs):
-            return pure(nnx.state(model), x, target, **call_kwargs)
-
-        return explain
-
-    bind = _binding(model, apply_kwargs, output)
-
-    def pure(params, x, target=None, conditions=None, **call_kwargs):
-        bound = functools.partial(bind, **call_kwargs)
-        return _output_and_relevance(bound, (params, x), composite, target, call_kwargs, record, conditions)
-
-    compiled = _compiled_when_eager(pure)
-
-    def explain(params, x, target=None, **call_kwargs):
-        return compiled(1, params, x, target=target, **call_kwargs)
-
-    return explain
+    binding = _bindings.of(model, output=output, **model_kwargs)
+    return _bindings.call_form(binding, explained(binding, composite, record))
 
 
 def lrp_fn(
     fn: Callable,
     composite: Composite,
     argnums: int | Sequence[int] = 1,
+    *,
     record: Sequence[str] = (),
     output: Callable | None = None,
+    **fn_kwargs,
 ) -> Callable[..., jax.Array]:
     """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
 
-    Returns `explain(*args, target=None, conditions=None)`: the relevance of `args[argnums]`
-    (for a tuple `argnums`, the tuple of the relevance of each of those arguments; any
-    argument may be a pytree of arrays). Each matmul or
+    Returns `explain(*args, target=None, conditions=None, **kwargs)`: the relevance of
+    `args[argnums]` (for a tuple `argnums`, the tuple of the relevance of each of those
+    arguments; any argument may be a pytree of arrays). `target` and `conditions` are
+    keyword-only (a positional argument beyond `fn`'s own is an error); other keywords go to
+    `fn` at call time, and `fn_kwargs` at every call. Each matmul or
     convolution with one parameter operand is a layer; `LayerMap` keys are its kind
     (`"dense"`, `"conv"`), `first=` means the first in execution order, and `NameMap` patterns
     match the `jax.named_scope` the layer was traced in or its weight's key path in the other
     arguments (`['w1']`, `.layers[3].weight`, `layers/3`, Haiku's `mlp/~/linear_2`). Leaves of
     the other arguments that are not arrays are static, so an Equinox model is passed as it is.
-    `output` selects what is explained from what `fn` returns (as in `lrp`).
+    `output` selects what is explained from what `fn` returns (as in `lrp`). The rule table of
+    the same call is `jaxlrp.rule_table(fn, composite, *args, argnums=argnums)`.
 
     Example::
 
@@ -141,109 +119,42 @@ def lrp_fn(
 
         relevance = jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())(params, x)
     """
+    binding = _bindings.Function(fn, argnums, output, fn_kwargs)
+    return _bindings.result_only(_bindings.call_form(binding, explained(binding, composite, record)))
+
+
+def explained(binding: _bindings.Binding, composite: Composite, record: Sequence[str] = ()) -> Callable:
+    """`method(others, x, *, target=None, conditions=None, **kwargs) -> (output, relevance)`:
+    the relevance pass on the arguments as `binding.split` gives them."""
     _check_composite(composite)
     record = _check_record(record)
 
-    def positions(n: int):
-        return tuple(i % n for i in argnums) if isinstance(argnums, Sequence) else argnums % n
+    def method(others, x, *, target=None, conditions=None, **kwargs):
+        return _output_and_relevance(binding, others, x, kwargs, composite, target, record, conditions)
 
-    def pure(*args, target=None, conditions=None):
-        position = positions(len(args))
-        chosen = position if isinstance(position, tuple) else (position,)
-        x = tuple(args[i] for i in chosen) if isinstance(position, tuple) else args[position]
-        others = tuple(a for i, a in enumerate(args) if i not in chosen)
-        bind = functools.partial(_function.trace, _selected(fn, output), position, others)
-        return _output_and_relevance(bind, (x,), composite, target, others, record, conditions)
-
-    compiled = _compiled_when_eager(pure)
-
-    def explain(*args, target=None, conditions=None):
-        return compiled(positions(len(args)), *args, target=target, conditions=conditions)[1]
-
-    return explain
+    return method
 
 
-def _compiled_when_eager(pure: Callable) -> Callable:
-    """`call(position, *args, target=None, **kwargs)`: `pure(*args, target=target, **kwargs)`,
-    compiled once per call signature when called outside a JAX transformation (see `_eager`),
-    with the value checks of the explained input `args[position]` and of the target kept."""
-    jitted = _eager.jit_when_eager(pure)
-
-    def call(position, *args, target=None, **kwargs):
-        if _eager.is_traced((args, target, kwargs)):
-            return pure(*args, target=target, **kwargs)
-        chosen = position if isinstance(position, tuple) else (position,)
-        for leaf in jax.tree.leaves([args[i] for i in chosen]):  # under jit the check would see a tracer
-            _checks.check_input(leaf)
-        if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
-            target = jnp.asarray(target)  # traced, so that a new class does not recompile
-        out, relevance = jitted(*args, target=target, **kwargs)
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and _checks.is_concrete(target):
-            _checks.check_classes(target, out.shape[-1])
-        return out, relevance
-
-    return call
-
-
-def rule_table(model, composite: Composite, *inputs, output: Callable | None = None, **apply_kwargs) -> RuleTable:
+def rule_table(model, composite: Composite, *args, output: Callable | None = None, **model_kwargs) -> RuleTable:
     """The rule each layer of `model` gets under `composite`, in execution order.
 
-    `inputs` are those of `explain` without the target: `(variables, x)` for Linen, `(x,)` for
-    an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)` for a function
-    `fn(params, x)`. `print` the table to see each layer's path, module class, kind, rule and
-    the modules merged into it (BatchNorm, a mean's division); for a function, the key path of
-    each layer's weight. An affine map that no layer absorbed (a BatchNorm that no dense or conv
-    layer feeds) is a row of kind "affine" with `rules.Pass()`.
+    `args` are the positional arguments of `explain`, in every call form of `lrp`: `(variables,
+    x)` for Linen, `(x,)` for an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)`
+    for a function `fn(params, x)`, and for `lrp_fn(fn, composite, argnums=2)` the same
+    arguments with `argnums=2` (`rule_table(fn, composite, params, None, x, argnums=2)`).
+    `output=` and model keyword arguments are those of `lrp`. `print` the table to see each
+    layer's path, module class, kind, rule and the modules merged into it (BatchNorm, a mean's
+    division); for a function, the key path of each layer's weight. An affine map that no layer
+    absorbed (a BatchNorm that no dense or conv layer feeds) is a row of kind "affine" with
+    `rules.Pass()`.
     """
     _check_composite(composite)
-    plan = _plan(_binding(model, apply_kwargs, output)(*inputs), composite, len(jax.tree.leaves(inputs[-1])))
+    binding = _bindings.of(model, output=output, **model_kwargs)
+    others, x = binding.split(args)
+    plan = _plan(binding.trace(others, x, {}), composite, len(jax.tree.leaves(x)))
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))
-
-
-def _binding(model, apply_kwargs: dict, output: Callable | None = None) -> Callable[..., Traced]:
-    """`bind(*inputs) -> Traced` for the kind of model; the input explained is the last;
-    `output` selects what is explained from what the model returns."""
-    if isinstance(model, nnx.Module):
-
-        def bind(x, **call_kwargs):
-            graphdef, state = nnx.split(model)
-            return _nnx.trace(graphdef, state, x, {**apply_kwargs, **call_kwargs}, output)
-
-    elif isinstance(model, nnx.GraphDef):
-
-        def bind(state, x, **call_kwargs):
-            return _nnx.trace(model, state, x, {**apply_kwargs, **call_kwargs}, output)
-
-    elif isinstance(model, nn.Module):
-
-        def bind(variables, x, **call_kwargs):
-            return _linen.trace(model, variables, x, {**apply_kwargs, **call_kwargs}, output)
-
-    elif callable(model) and not apply_kwargs:  # a plain function fn(params, x), as lrp_fn(fn, c)
-
-        def bind(params, x, **call_kwargs):
-            return _function.trace(_selected(functools.partial(model, **call_kwargs), output), 1, (params,), x)
-
-    else:
-        raise TypeError(
-            f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs, and plain functions "
-            f"fn(params, x) (jaxlrp.lrp_fn for other signatures); got {type(model).__name__}."
-        )
-    return bind
-
-
-def _selected(fn: Callable, output: Callable | None) -> Callable:
-    """`fn` whose result goes through `output` (what is explained of it), when given."""
-    if output is None:
-        return fn
-
-    @functools.wraps(fn)
-    def selected(*args, **kwargs):
-        return output(fn(*args, **kwargs))
-
-    return selected
 
 
 def _check_record(record) -> tuple[str, ...]:
@@ -355,19 +266,19 @@ def _seed(out: jax.Array, target) -> jax.Array:
 
 
 def _output_and_relevance(
-    bind: Callable[..., Traced], inputs: tuple, composite: Composite, target, others=(), record=(), conditions=None
+    binding: _bindings.Binding, others: tuple, x, kwargs: dict, composite: Composite, target, record=(), conditions=None
 ):
-    """`(output, relevance)` of the model that `bind(*inputs)` traces; `inputs[-1]` is explained
-    (`others`: what `bind` closes over). With `record`, the relevance is an `Explanation`;
-    `conditions` (`{path: mask}`) condition the relevance at module outputs."""
-    leaves, treedef = jax.tree.flatten(inputs[-1])
+    """`(output, relevance)` of the model that `binding` calls on `(others, x)`; `x` is explained,
+    `kwargs` go to the model. With `record`, the relevance is an `Explanation`; `conditions`
+    (`{path: mask}`) condition the relevance at module outputs."""
+    leaves, treedef = jax.tree.flatten(x)
     for leaf in leaves:
         _checks.check_input(leaf)
     # Inside jax.shard_map, the explained input varies along every manual axis that the
     # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
     # a target per device): so does the relevance, which then needs no sum over devices.
-    leaves = [_varying_like(leaf, (inputs[:-1], others, composite, target, conditions)) for leaf in leaves]
-    traced = bind(*inputs[:-1], treedef.unflatten(leaves))
+    leaves = [_varying_like(leaf, (others, kwargs, composite, target, conditions)) for leaf in leaves]
+    traced = binding.trace(others, treedef.unflatten(leaves), kwargs)
     plan = _plan(traced, composite, len(leaves))
     resolved = _resolve(composite, plan)
     params = traced.params

@@ -1,11 +1,15 @@
 """Baselines to compare LRP with: gradient, gradient × input, SmoothGrad, Integrated Gradients
 and occlusion, in `jaxlrp.lrp`'s call form.
 
-Each factory takes a model (Linen module, NNX module or GraphDef, or a function
-`fn(params, x)`) and returns `explain(variables, x, target=None)` (`explain(x, target=None)`
-for an NNX module), a pure function that composes with `jax.jit`, `jax.vmap` and `jax.grad`.
-SmoothGrad, Integrated Gradients and occlusion evaluate all their perturbed copies of the batch
-in one batched call. Keyword arguments of the factory go to the model (`train=False`).
+Each factory takes a model in every form `jaxlrp.lrp` takes (Linen module, NNX module or
+GraphDef, a function `fn(params, x)`, or with `argnums=` another argument of a function) and
+returns `explain` in the same call form: `explain(variables, x, *, target=None)`
+(`explain(x, *, target=None)` for an NNX module), a pure function that composes with
+`jax.jit`, `jax.vmap` and `jax.grad`. `target` is keyword-only; other keywords of `explain` go
+to the model (a mask). SmoothGrad, Integrated Gradients and occlusion evaluate all their
+perturbed copies of the batch in one batched call. Keyword arguments of the factory go to the
+model at every call (`train=False`); `output=` selects what is explained of the model's output,
+as in `jaxlrp.lrp` (`output=lambda out: out["logits"]`).
 
 `target` picks what is explained, as in `jaxlrp.lrp`, and defines the explained score
 `S(x) = Σ_j t_j f_j(x)` per sample:
@@ -33,51 +37,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlrp import _bindings
 from jaxlrp._checks import output_weights
-from jaxlrp._model import in_call_form
 
 __all__ = ["gradient", "gradient_x_input", "integrated_gradients", "occlusion", "smoothgrad"]
 
 
-def gradient(model, **apply_kwargs) -> Callable[..., jax.Array]:
+def gradient(model, *, output: Callable | None = None, **model_kwargs) -> Callable[..., jax.Array]:
     """The gradient of the explained score, `∂S/∂x` (saliency; Simonyan et al. 2014,
     "Deep inside convolutional networks")."""
 
-    def method(apply, variables, x, target=None, **call_kwargs):
-        forward = _forward(apply, variables, call_kwargs)
+    def method(forward, x, target):
         out = forward(x)
         return out, _gradient(forward, x, output_weights(out, target))
 
-    return in_call_form(model, apply_kwargs, method)
+    return _in_call_form(model, method, output, model_kwargs)
 
 
-def gradient_x_input(model, **apply_kwargs) -> Callable[..., jax.Array]:
+def gradient_x_input(model, *, output: Callable | None = None, **model_kwargs) -> Callable[..., jax.Array]:
     """`x ⊙ ∂S/∂x` (Shrikumar et al. 2016, "Not just a black box"); for a ReLU network without
     biases it equals LRP-0."""
 
-    def method(apply, variables, x, target=None, **call_kwargs):
-        forward = _forward(apply, variables, call_kwargs)
+    def method(forward, x, target):
         out = forward(x)
         return out, x * _gradient(forward, x, output_weights(out, target))
 
-    return in_call_form(model, apply_kwargs, method)
+    return _in_call_form(model, method, output, model_kwargs)
 
 
-def smoothgrad(model, noise_level: float = 0.1, n: int = 20, **apply_kwargs) -> Callable[..., jax.Array]:
+def smoothgrad(
+    model, noise_level: float = 0.1, n: int = 20, *, output: Callable | None = None, **model_kwargs
+) -> Callable[..., jax.Array]:
     """The mean gradient over `n` noisy copies of the input (Smilkov et al. 2017, "SmoothGrad:
     removing noise by adding noise"):
 
         R = (1/n) Σ_k ∂S/∂x (x + ε_k),   ε_k ~ N(0, σ²),   σ = noise_level · (max x − min x)
 
-    with the range taken per sample. `explain(variables, x, target=None, *, key)` takes the
+    with the range taken per sample. `explain(variables, x, *, key, target=None)` takes the
     noise's `jax.random` key. The class for `target=None` is the one predicted for the clean
     input, for every copy. (zennit's `SmoothGrad` makes its last copy noise-free; this one
     draws noise for all `n`, as the paper does.)
     """
     _check_count(n, "smoothgrad")
 
-    def method(apply, variables, x, target=None, *, key, **call_kwargs):
-        forward = _forward(apply, variables, call_kwargs)
+    def method(forward, x, target, *, key):
         out = forward(x)
         weights = output_weights(out, target)
         axes = tuple(range(1, x.ndim))
@@ -86,10 +89,12 @@ def smoothgrad(model, noise_level: float = 0.1, n: int = 20, **apply_kwargs) -> 
         grads = jax.vmap(lambda e: _gradient(forward, x + e, weights))(noise)
         return out, grads.mean(axis=0)
 
-    return in_call_form(model, apply_kwargs, method)
+    return _in_call_form(model, method, output, model_kwargs, own=("key",))
 
 
-def integrated_gradients(model, baseline=0.0, n: int = 20, **apply_kwargs) -> Callable[..., jax.Array]:
+def integrated_gradients(
+    model, baseline=0.0, n: int = 20, *, output: Callable | None = None, **model_kwargs
+) -> Callable[..., jax.Array]:
     """The path integral of the gradient from `baseline` to `x` (Sundararajan et al. 2017,
     "Axiomatic attribution for deep networks"), as the right Riemann sum zennit uses:
 
@@ -100,8 +105,7 @@ def integrated_gradients(model, baseline=0.0, n: int = 20, **apply_kwargs) -> Ca
     """
     _check_count(n, "integrated_gradients")
 
-    def method(apply, variables, x, target=None, **call_kwargs):
-        forward = _forward(apply, variables, call_kwargs)
+    def method(forward, x, target):
         out = forward(x)
         weights = output_weights(out, target)
         start = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
@@ -109,7 +113,7 @@ def integrated_gradients(model, baseline=0.0, n: int = 20, **apply_kwargs) -> Ca
         grads = jax.vmap(lambda a: _gradient(forward, start + a * (x - start), weights))(alphas)
         return out, (x - start) * grads.mean(axis=0)
 
-    return in_call_form(model, apply_kwargs, method)
+    return _in_call_form(model, method, output, model_kwargs)
 
 
 def occlusion(
@@ -118,7 +122,9 @@ def occlusion(
     stride: Sequence[int] | None = None,
     fill=0.0,
     chunk: int | None = None,
-    **apply_kwargs,
+    *,
+    output: Callable | None = None,
+    **model_kwargs,
 ) -> Callable[..., jax.Array]:
     """Occlusion (Zeiler & Fergus 2014, "Visualizing and understanding convolutional
     networks"): a window of shape `window` slides over the input by `stride` (one size per
@@ -134,8 +140,7 @@ def occlusion(
     window = tuple(int(w) for w in window)
     stride = window if stride is None else tuple(int(s) for s in stride)
 
-    def method(apply, variables, x, target=None, **call_kwargs):
-        forward = _forward(apply, variables, call_kwargs)
+    def method(forward, x, target):
         out = forward(x)
         weights = output_weights(out, target)
         covers = _window_covers(x.shape, window, stride)  # per axis: (windows, size)
@@ -156,14 +161,27 @@ def occlusion(
         count = _outer([c.sum(axis=0) for c in covers])
         return out, jnp.where(count > 0, total / jnp.maximum(count, 1).astype(x.dtype), 0)
 
-    return in_call_form(model, apply_kwargs, method)
+    return _in_call_form(model, method, output, model_kwargs)
 
 
-def _forward(apply, variables, call_kwargs) -> Callable[[jax.Array], jax.Array]:
-    def forward(x):
-        return apply(variables, x, **call_kwargs)
+def _in_call_form(model, method: Callable, output, model_kwargs: dict, own: tuple[str, ...] = ()) -> Callable:
+    """`explain(*args, target=None, **kwargs)` in `model`'s call form, from `method(forward, x,
+    target, **own) -> (output, attribution)`, `forward(y)` the model's (selected) output at `y`;
+    the keywords in `own` are the method's, the others go to the model."""
+    binding = _bindings.of(model, output=output, **model_kwargs)
+    if not binding.explains_one_array:
+        raise TypeError(
+            f"jaxlrp.attribution explains one input array; argnums={binding.argnums!r} names several. "
+            f"Explain them one at a time (an int argnums), or use jaxlrp.lrp_fn."
+        )
 
-    return forward
+    def pure(others, x, *, target=None, **kwargs):
+        if "conditions" in kwargs:
+            raise TypeError("jaxlrp.attribution: conditions= conditions LRP's relevance (jaxlrp.lrp); a baseline takes none.")
+        given = {name: kwargs.pop(name) for name in own if name in kwargs}
+        return method(lambda y: binding.apply(others, y, kwargs), x, target, **given)
+
+    return _bindings.result_only(_bindings.call_form(binding, pure))
 
 
 def _gradient(forward, x, weights) -> jax.Array:

@@ -9,10 +9,10 @@ concepts at once under `jax.vmap`.
 Example::
 
     explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat(), record=("Conv_1",))
-    explanation = explain(variables, x, y)
+    explanation = explain(variables, x, target=y)
     channels, relevance = concepts.top_concepts(explanation, "Conv_1", k=4)   # (B, 4) each
     masks = jax.nn.one_hot(channels, 32)                                       # (B, 4, 32)
-    maps = jax.vmap(lambda m: explain(variables, x, y, conditions={"Conv_1": m}).input,
+    maps = jax.vmap(lambda m: explain(variables, x, target=y, conditions={"Conv_1": m}).input,
                     in_axes=1)(masks)                                          # (4, B, ...)
 """
 

@@ -114,13 +114,13 @@ def train(x, y, epochs: int, seed: int = 0, batch_size: int = 64):
 
 
 def methods(model, key: jax.Array) -> dict:
-    """name -> `explain(variables, x, target)`: the LRP composites and the baselines."""
+    """name -> `explain(variables, x, *, target)`: the LRP composites and the baselines."""
     smoothgrad = attribution.smoothgrad(model)
     return {
         **{name: jaxlrp.lrp(model, composite) for name, composite in COMPOSITES.items()},
         "gradient_x_input": attribution.gradient_x_input(model),
         "gradient": attribution.gradient(model),
-        "smoothgrad": lambda variables, x, target: smoothgrad(variables, x, target, key=key),
+        "smoothgrad": lambda variables, x, *, target: smoothgrad(variables, x, target=target, key=key),
         "integrated_gradients": attribution.integrated_gradients(model),
     }
 
@@ -130,10 +130,10 @@ def faithfulness(model, explain, variables, x, target, key):
 
     @jax.jit
     def run(variables, x, target, key):
-        relevance = explain(variables, x, target)
+        relevance = explain(variables, x, target=target)
         forward = functools.partial(model.apply, variables)
         curves = [
-            evaluate.region_perturbation(forward, x, relevance, target, order=order, key=key, **PIXEL_FLIPPING)
+            evaluate.region_perturbation(forward, x, relevance, target=target, order=order, key=key, **PIXEL_FLIPPING)
             for order in ("morf", "lerf")
         ]
         return relevance, *curves
@@ -181,7 +181,7 @@ def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, evalua
         print(f"  {name:24s} ABPC {summary_methods[name]['abpc']:7.3f}   AOPC(MoRF) "
               f"{summary_methods[name]['aopc_morf']:7.3f}   sum/seed {summary_methods[name]['mean_sum_over_seed']:6.3f}")
     random = [
-        evaluate.region_perturbation(forward, x, x, target, order="random", key=k, **PIXEL_FLIPPING)
+        evaluate.region_perturbation(forward, x, x, target=target, order="random", key=k, **PIXEL_FLIPPING)
         for k in keys[2:]
     ]
     curves["random"] = tuple(np.asarray(c) for c in random)
@@ -193,9 +193,9 @@ def run(out_dir: str = "jaxlrp-demo", epochs: int = 12, samples: int = 8, evalua
     print(f"  {'random order':24s} ABPC {summary_methods['random']['abpc']:7.3f}")
 
     gamma_sweep, sweep_seconds = _timed(
-        functools.partial(evaluate.sweep, key=keys[1], **PIXEL_FLIPPING),
+        functools.partial(evaluate.sweep, target=target, key=keys[1], **PIXEL_FLIPPING),
         lambda gamma: composites.EpsilonGammaBox(low=0.0, high=1.0, gamma=gamma),
-        {"gamma": GAMMAS}, model, variables, x, target,
+        {"gamma": GAMMAS}, model, variables, x,
     )
     print("EpsilonGammaBox γ by ABPC: " + "  ".join(f"{g}: {s:.3f}" for g, s in zip(GAMMAS, gamma_sweep.scores))
           + f"  -> γ = {gamma_sweep.best['gamma']} ({sweep_seconds:.1f} s, one compiled call)")

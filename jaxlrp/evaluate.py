@@ -8,9 +8,9 @@ Example::
     from jaxlrp import evaluate
 
     apply = lambda x: model.apply(variables, x)
-    relevance = jaxlrp.lrp(model, composites.EpsilonPlusFlat())(variables, x, y)
-    morf = evaluate.region_perturbation(apply, x, relevance, y, patch=(2, 2, 1))
-    lerf = evaluate.region_perturbation(apply, x, relevance, y, patch=(2, 2, 1), order="lerf")
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlusFlat())(variables, x, target=y)
+    morf = evaluate.region_perturbation(apply, x, relevance, target=y, patch=(2, 2, 1))
+    lerf = evaluate.region_perturbation(apply, x, relevance, target=y, patch=(2, 2, 1), order="lerf")
     print(evaluate.aopc(morf).mean(), evaluate.abpc(morf, lerf).mean())
 
 References: Samek et al. 2017, "Evaluating the visualization of what a deep neural network has
@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _eager
-from jaxlrp._model import apply_function
-from jaxlrp._transform import lrp
+from jaxlrp import _bindings, _eager
+from jaxlrp._transform import explained
 
 __all__ = [
     "Randomization",
@@ -52,8 +51,8 @@ def region_perturbation(
     fn: Callable[[jax.Array], jax.Array],
     x: jax.Array,
     relevance: jax.Array,
-    target=None,
     *,
+    target=None,
     patch: Sequence[int],
     steps: int | None = None,
     order: str = "morf",
@@ -178,8 +177,8 @@ def randomization_test(
     explain: Callable[..., jax.Array],
     variables,
     x: jax.Array,
-    target=None,
     *,
+    target=None,
     key: jax.Array,
     layers: Sequence[str] | None = None,
     randomize: Callable[[jax.Array, str, jax.Array], jax.Array] | None = None,
@@ -192,8 +191,9 @@ def randomization_test(
     similar while the model is destroyed does not explain the model.
 
     Args:
-      explain: `explain(variables, x, target)`, e.g. `jaxlrp.lrp(model, composite)` or a
+      explain: `explain(variables, x, target=target)`, e.g. `jaxlrp.lrp(model, composite)` or a
         `jaxlrp.attribution` baseline (for an NNX module, its GraphDef form).
+      target: as in `jaxlrp.lrp`, keyword-only.
       layers: the layers' paths in execution order (from the input to the output), e.g.
         `["conv0", "bn0", "fc1"]`; a layer is the group of arrays sharing a path (without the
         collection name and the array's own name). Default: every group, in the order of
@@ -204,7 +204,7 @@ def randomization_test(
         keeps its values (scales stay positive) and destroys what was learned. Arrays that are
         not floating point (an NNX RNG key or count) are kept.
       absolute: compare `|R|` instead of `R` (Adebayo et al. report both).
-      relevance: the original maps, if already computed (else `explain(variables, x, target)`).
+      relevance: the original maps, if already computed (else `explain(variables, x, target=target)`).
 
     All steps run in one compiled call (`jax.lax.map` over the steps).
     """
@@ -230,12 +230,12 @@ def _randomization(explain, variables, x, target, key, n_layers, step_of, paths,
     keys = jax.random.split(key, len(leaves))
     step_of = [s if jnp.issubdtype(leaf.dtype, jnp.floating) else -1 for leaf, s in zip(leaves, step_of)]
     random = [randomize(k, p, leaf) if s >= 0 else leaf for k, p, leaf, s in zip(keys, paths, leaves, step_of)]
-    original = explain(variables, x, target) if relevance is None else relevance
+    original = explain(variables, x, target=target) if relevance is None else relevance
     transform = jnp.abs if absolute else (lambda r: r)
 
     def step(l):
         mixed = [jnp.where(l >= s, r, leaf) if s >= 0 else leaf for leaf, r, s in zip(leaves, random, step_of)]
-        return spearman(transform(original), transform(explain(jax.tree.unflatten(treedef, mixed), x, target)))
+        return spearman(transform(original), transform(explain(jax.tree.unflatten(treedef, mixed), x, target=target)))
 
     return jax.lax.map(step, jnp.arange(n_layers))
 
@@ -257,8 +257,10 @@ def sweep(
     model,
     variables,
     x: jax.Array,
+    *,
     target=None,
     points_per_call: int | None = 1,
+    output: Callable | None = None,
     **region_perturbation_args,
 ) -> Sweep:
     """Chooses rule hyperparameters by faithfulness: for each point of the grid (the product of
@@ -273,37 +275,39 @@ def sweep(
     851 ms for one `vmap` and 630 ms for 8 jitted calls) and it holds one point in memory.
 
     `model`, `variables`: as for `jaxlrp.lrp` (Linen module and variables, NNX GraphDef and
-    state, function and params; for an NNX module pass `variables=None`).
+    state, function `fn(params, x)` and params; for an NNX module pass `variables=None`, its
+    state is read). `target` and `output` (what is explained of the model's output, also what
+    the perturbation curves read) as in `jaxlrp.lrp`, keyword-only.
 
     Example::
 
         result = evaluate.sweep(
             lambda gamma, epsilon: composites.EpsilonGammaBox(low=0., high=1., gamma=gamma, epsilon=epsilon),
             {"gamma": [0.01, 0.1, 0.25, 1.0], "epsilon": [1e-6, 0.01, 0.25]},
-            model, variables, x, y, patch=(2, 2, 1))
+            model, variables, x, target=y, patch=(2, 2, 1))
         result.best  # {'gamma': 0.25, 'epsilon': 0.01}
     """
-    if isinstance(model, nnx.Module):
-        if variables is not None:
-            raise ValueError("jaxlrp.evaluate.sweep: for an NNX module pass variables=None (its state is read).")
-        model, variables = nnx.graphdef(model), nnx.state(model)
+    binding = _bindings.of(model, output=output)
+    stateful = isinstance(binding, _bindings.NNXModule)
+    if stateful and variables is not None:
+        raise ValueError("jaxlrp.evaluate.sweep: for an NNX module pass variables=None (its state is read).")
+    others, x = binding.split((x,) if stateful else (variables, x))
     names = list(grid)
     values = [np.asarray(grid[name], dtype=np.float64).reshape(-1) for name in names]
     points = np.array(list(itertools.product(*values))).reshape(-1, len(names))
     x = jnp.asarray(x)
-    apply = apply_function(model, {})
     if target is None:
-        target = jnp.argmax(apply(variables, x), axis=-1)
+        target = jnp.argmax(binding.apply(others, x, {}), axis=-1)
     dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
     @jax.jit
-    def scores(points, variables, x, target):
+    def scores(points, others, x, target):
         def score(point):
             composite = make_composite(**dict(zip(names, point)))
-            relevance = lrp(model, composite)(variables, x, target)
-            forward = functools.partial(apply, variables)
+            _, relevance = explained(binding, composite)(others, x, target=target)
+            forward = functools.partial(binding.apply, others, kwargs={})
             curves = [
-                region_perturbation(forward, x, relevance, target, order=order, **region_perturbation_args)
+                region_perturbation(forward, x, relevance, target=target, order=order, **region_perturbation_args)
                 for order in ("morf", "lerf")
             ]
             return abpc(*curves).mean()
@@ -312,7 +316,7 @@ def sweep(
             return jax.vmap(score)(points)
         return jax.lax.map(score, points, batch_size=points_per_call if points_per_call > 1 else None)
 
-    result = scores(jnp.asarray(points, dtype), variables, x, target)
+    result = scores(jnp.asarray(points, dtype), others, x, target)
     shaped = result.reshape([len(v) for v in values])
     best = points[int(jnp.nanargmax(result))]
     return Sweep(shaped, {name: float(v) for name, v in zip(names, best)}, dict(grid))

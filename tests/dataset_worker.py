@@ -69,7 +69,7 @@ model, variables, x, targets = dataset()
 source = Source(x)
 mesh = jax.make_mesh((4,), ("data",))
 explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
-jaxlrp.explain_dataset(explain, variables, source, targets, out=args.out, batch_size=BATCH, mesh=mesh, progress=False)
+jaxlrp.explain_dataset(explain, variables, source, targets=targets, out=args.out, batch_size=BATCH, mesh=mesh, progress=False)
 if args.log:
     pathlib.Path(args.log).write_text(json.dumps(source.read))
 print("DONE", flush=True)

@@ -42,16 +42,16 @@ def _column(weights, target):
 def test_gradient_and_gradient_x_input_closed_form(linear):
     model, variables, x, w = linear
     target = jnp.array([0, 3, 4])
-    np.testing.assert_allclose(attribution.gradient(model)(variables, x, target), _column(w, target), atol=1e-15)
+    np.testing.assert_allclose(attribution.gradient(model)(variables, x, target=target), _column(w, target), atol=1e-15)
     np.testing.assert_allclose(
-        attribution.gradient_x_input(model)(variables, x, target), x * _column(w, target), atol=1e-15
+        attribution.gradient_x_input(model)(variables, x, target=target), x * _column(w, target), atol=1e-15
     )
     predicted = np.argmax(model.apply(variables, x), axis=-1)  # target=None: the arg-max class
     np.testing.assert_allclose(attribution.gradient(model)(variables, x), _column(w, predicted), atol=1e-15)
-    np.testing.assert_allclose(attribution.gradient(model)(variables, x, 2), _column(w, [2, 2, 2]), atol=1e-15)
+    np.testing.assert_allclose(attribution.gradient(model)(variables, x, target=2), _column(w, [2, 2, 2]), atol=1e-15)
     weights = jax.random.normal(jax.random.key(2), (3, 5), jnp.float64)  # a float target weighs the outputs
     np.testing.assert_allclose(
-        attribution.gradient(model)(variables, x, weights), (np.asarray(weights) @ w.T).reshape(SHAPE), atol=1e-14
+        attribution.gradient(model)(variables, x, target=weights), (np.asarray(weights) @ w.T).reshape(SHAPE), atol=1e-14
     )
 
 
@@ -62,13 +62,13 @@ def test_integrated_gradients_equals_gradient_times_difference_on_a_linear_model
     if baseline == "array":
         baseline = jax.random.uniform(jax.random.key(3), SHAPE[1:], jnp.float64)
     target = jnp.array([1, 1, 4])
-    ig = attribution.integrated_gradients(model, baseline=baseline, n=n)(variables, x, target)
+    ig = attribution.integrated_gradients(model, baseline=baseline, n=n)(variables, x, target=target)
     np.testing.assert_allclose(ig, _column(w, target) * (x - baseline), atol=1e-14)
 
 
 def test_smoothgrad_of_a_linear_model_is_its_gradient(linear):
     model, variables, x, w = linear
-    sg = attribution.smoothgrad(model, noise_level=0.3, n=5)(variables, x, jnp.array([0, 1, 2]), key=jax.random.key(4))
+    sg = attribution.smoothgrad(model, noise_level=0.3, n=5)(variables, x, target=jnp.array([0, 1, 2]), key=jax.random.key(4))
     np.testing.assert_allclose(sg, _column(w, [0, 1, 2]), atol=1e-14)
 
 
@@ -90,14 +90,14 @@ def test_smoothgrad_and_integrated_gradients_match_their_formulas_on_an_mlp():
     sigma = 0.2 * (x.max(axis=1, keepdims=True) - x.min(axis=1, keepdims=True))
     noise = jax.random.normal(key, (n, *x.shape), x.dtype) * sigma
     expected = sum(grad_at(x + e) for e in noise) / n
-    sg = attribution.smoothgrad(model, noise_level=0.2, n=n)(variables, x, target, key=key)
+    sg = attribution.smoothgrad(model, noise_level=0.2, n=n)(variables, x, target=target, key=key)
     np.testing.assert_allclose(sg, expected, rtol=1e-12, atol=1e-14)
 
     expected = x * sum(grad_at(k / 5 * x) for k in range(1, 6)) / 5
-    ig = attribution.integrated_gradients(model, n=5)(variables, x, target)
+    ig = attribution.integrated_gradients(model, n=5)(variables, x, target=target)
     np.testing.assert_allclose(ig, expected, rtol=1e-12, atol=1e-14)
     # Completeness: the sum approaches S(x) - S(0) as the Riemann sum refines.
-    fine = attribution.integrated_gradients(model, n=400)(variables, x, target).sum(axis=1)
+    fine = attribution.integrated_gradients(model, n=400)(variables, x, target=target).sum(axis=1)
     scores = model.apply(variables, x)[jnp.arange(4), target] - model.apply(variables, 0 * x)[jnp.arange(4), target]
     np.testing.assert_allclose(fine, scores, rtol=2e-2, atol=1e-3)
 
@@ -113,7 +113,7 @@ def test_occlusion_equals_a_direct_loop(window, stride):
 
     target = jnp.array([4, 0, 2])
     fill = -0.5
-    result = attribution.occlusion(fn, window, stride, fill=fill, chunk=3)(variables, x, target)
+    result = attribution.occlusion(fn, window, stride, fill=fill, chunk=3)(variables, x, target=target)
 
     def score(z):
         return np.asarray(fn(variables, z))[np.arange(3), np.asarray(target)]
@@ -131,7 +131,7 @@ def test_occlusion_equals_a_direct_loop(window, stride):
     expected = np.where(count > 0, total / np.maximum(count, 1), 0.0)
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
-        attribution.occlusion(fn, window, stride, fill=fill)(variables, x, target), expected, rtol=1e-12, atol=1e-14
+        attribution.occlusion(fn, window, stride, fill=fill)(variables, x, target=target), expected, rtol=1e-12, atol=1e-14
     )
 
 
@@ -148,14 +148,14 @@ def test_call_forms_linen_nnx_graphdef_function_agree(name):
     peers.zennit()  # the twins are built in torch
     _, model, variables, shape = twins.make("vgg", batch=2)
     x = jnp.asarray(twins.to_nhwc(np.random.default_rng(0).normal(size=shape)))
-    expected = ALL[name](model)(variables, x, 3)
+    expected = ALL[name](model)(variables, x, target=3)
     nnx_model = twins.to_nnx("vgg", variables)
     from flax import nnx
 
     graphdef, state = nnx.split(nnx_model)
-    np.testing.assert_allclose(ALL[name](nnx_model)(x, 3), expected, rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(ALL[name](graphdef)(state, x, 3), expected, rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(ALL[name](twins.vgg_function)(variables, x, 3), expected, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(ALL[name](nnx_model)(x, target=3), expected, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(ALL[name](graphdef)(state, x, target=3), expected, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(ALL[name](twins.vgg_function)(variables, x, target=3), expected, rtol=1e-10, atol=1e-13)
 
 
 def test_jit_vmap_grad_and_closed_over_weights():
@@ -163,20 +163,20 @@ def test_jit_vmap_grad_and_closed_over_weights():
     target = jnp.array([1, 2, 3, 4])
     for name, make in ALL.items():
         explain = attribution.occlusion(model, (2,)) if name == "occlusion" else make(model)
-        eager = explain(variables, x, target)
+        eager = explain(variables, x, target=target)
         if name == "integrated_gradients":  # arrays passed in and closed over
-            np.testing.assert_allclose(jax.jit(explain)(variables, x, target), eager, rtol=1e-12, atol=1e-14)
-            closed = jax.jit(lambda x, t: explain(variables, x, t))
+            np.testing.assert_allclose(jax.jit(explain)(variables, x, target=target), eager, rtol=1e-12, atol=1e-14)
+            closed = jax.jit(lambda x, t: explain(variables, x, target=t))
             np.testing.assert_allclose(closed(x, target), eager, rtol=1e-12, atol=1e-14)
-        per_sample = jax.jit(jax.vmap(lambda xi, ti: explain(variables, xi[None], ti[None])[0]))(x, target)
+        per_sample = jax.jit(jax.vmap(lambda xi, ti: explain(variables, xi[None], target=ti[None])[0]))(x, target)
         np.testing.assert_allclose(per_sample, eager, rtol=1e-12, atol=1e-14)
     sg = attribution.smoothgrad(model, n=3)
     keys = jax.random.split(jax.random.key(0), 2)  # vmap over noise keys
-    stacked = jax.jit(jax.vmap(lambda k: sg(variables, x, target, key=k)))(keys)
-    np.testing.assert_allclose(stacked[1], sg(variables, x, target, key=keys[1]), rtol=1e-12)
+    stacked = jax.jit(jax.vmap(lambda k: sg(variables, x, target=target, key=k)))(keys)
+    np.testing.assert_allclose(stacked[1], sg(variables, x, target=target, key=keys[1]), rtol=1e-12)
     # grad through a baseline: of the squared IG map, with respect to the weights.
     ig = attribution.integrated_gradients(model, n=3)
-    grads = jax.jit(jax.grad(lambda v: jnp.sum(ig(v, x, target) ** 2)))(variables)
+    grads = jax.jit(jax.grad(lambda v: jnp.sum(ig(v, x, target=target) ** 2)))(variables)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
@@ -198,8 +198,8 @@ def test_shard_map_over_the_batch():
 def test_low_precision_follows_float64(dtype):
     model, variables, x = _mlp()
     low = jax.tree.map(lambda a: a.astype(dtype), variables)
-    reference = attribution.gradient_x_input(model)(variables, x, 0)
-    result = attribution.gradient_x_input(model)(low, x.astype(dtype), 0)
+    reference = attribution.gradient_x_input(model)(variables, x, target=0)
+    result = attribution.gradient_x_input(model)(low, x.astype(dtype), target=0)
     assert result.dtype == dtype
     tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
     error = np.linalg.norm(np.asarray(result, np.float64) - reference) / np.linalg.norm(reference)
@@ -209,9 +209,9 @@ def test_low_precision_follows_float64(dtype):
 def test_errors_name_what_was_expected(linear):
     model, variables, x, _ = linear
     with pytest.raises(ValueError, match=r"target class out of range \[0, 5\)"):
-        attribution.gradient(model)(variables, x, 5)
+        attribution.gradient(model)(variables, x, target=5)
     with pytest.raises(ValueError, match="class index per sample"):
-        attribution.gradient(model)(variables, x, jnp.zeros((2,), jnp.int32))
+        attribution.gradient(model)(variables, x, target=jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="NaN"):
         attribution.gradient(model)(variables, x.at[0, 0, 0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="one size per non-batch axis"):
@@ -238,9 +238,9 @@ def test_integrated_gradients_and_gradient_equal_zennit():
     del zennit
     with IntegratedGradients(torch_model, n_iter=6) as attributor:
         _, theirs = attributor(x_torch, seed)
-    ours = attribution.integrated_gradients(model, n=6)(variables, x, jnp.array(target))
+    ours = attribution.integrated_gradients(model, n=6)(variables, x, target=jnp.array(target))
     np.testing.assert_allclose(ours, twins.to_nhwc(theirs.numpy()), rtol=1e-10, atol=1e-13)
     with Gradient(torch_model) as attributor:
         _, theirs = attributor(x_torch, seed)
-    ours = attribution.gradient(model)(variables, x, jnp.array(target))
+    ours = attribution.gradient(model)(variables, x, target=jnp.array(target))
     np.testing.assert_allclose(ours, twins.to_nhwc(theirs.numpy()), rtol=1e-10, atol=1e-13)

@@ -71,23 +71,23 @@ def _check_split(explanation, x, explain_upper, explain_lower, path="lower"):
 def test_recorded_relevance_is_what_arrives_there_linen(linen):
     x, variables, lower, upper = linen
     explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower", "upper/*"))
-    explanation = explain(variables, x, TARGET)
+    explanation = explain(variables, x, target=TARGET)
     assert isinstance(explanation, jaxlrp.Explanation)
     assert set(explanation.layers) == {"lower", "upper/hidden", "upper/out"}
     assert explanation.layers["lower"].shape == explanation.activations["lower"].shape == (3, 6, 6, 6)
-    np.testing.assert_allclose(explanation.input, jaxlrp.lrp(Full(), COMPOSITE)(variables, x, TARGET), rtol=1e-13)
+    np.testing.assert_allclose(explanation.input, jaxlrp.lrp(Full(), COMPOSITE)(variables, x, target=TARGET), rtol=1e-13)
     _check_split(
         explanation, x,
-        lambda a, t: jaxlrp.lrp(Upper(), COMPOSITE)(upper, a, t),
-        lambda x, seed: jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, seed),
+        lambda a, t: jaxlrp.lrp(Upper(), COMPOSITE)(upper, a, target=t),
+        lambda x, seed: jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, target=seed),
     )
-    jitted = jax.jit(explain)(variables, x, TARGET)  # a pytree: through jit as it is
+    jitted = jax.jit(explain)(variables, x, target=TARGET)  # a pytree: through jit as it is
     np.testing.assert_allclose(jitted.layers["lower"], explanation.layers["lower"], rtol=1e-13)
 
 
 def test_recorded_relevance_nnx_and_function(linen):
     x, variables, lower, upper = linen
-    expected = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, TARGET)
+    expected = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, target=TARGET)
 
     def fn(v, x):  # the same model as a plain function, its parts in named scopes
         with jax.named_scope("lower"):
@@ -109,7 +109,7 @@ def test_recorded_relevance_nnx_and_function(linen):
 
     model = NNXFull(nnx.Rngs(0))
     model.lower.layers[0].kernel.set_value(model.lower.layers[0].kernel.get_value().astype(jnp.float64))
-    explanation = jaxlrp.lrp(model, COMPOSITE, record=("lower",))(x, TARGET)
+    explanation = jaxlrp.lrp(model, COMPOSITE, record=("lower",))(x, target=TARGET)
     graphdef, state = nnx.split(model.upper)
 
     def upper(state, a):
@@ -117,30 +117,30 @@ def test_recorded_relevance_nnx_and_function(linen):
 
     _check_split(
         explanation, x,
-        lambda a, t: jaxlrp.lrp(upper, COMPOSITE)(state, a, t),
-        lambda x, seed: jaxlrp.lrp(model.lower, COMPOSITE)(x, seed),
+        lambda a, t: jaxlrp.lrp(upper, COMPOSITE)(state, a, target=t),
+        lambda x, seed: jaxlrp.lrp(model.lower, COMPOSITE)(x, target=seed),
     )
 
 
 def test_conditions_equal_the_lower_part_seeded_with_the_masked_relevance(linen):
     x, variables, lower, _ = linen
     explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
-    explanation = explain(variables, x, TARGET)
+    explanation = explain(variables, x, target=TARGET)
     masks = jnp.eye(6, dtype=jnp.float64)
-    conditional = jax.jit(jax.vmap(lambda m: explain(variables, x, TARGET, conditions={"lower": m}).input))(masks)
+    conditional = jax.jit(jax.vmap(lambda m: explain(variables, x, target=TARGET, conditions={"lower": m}).input))(masks)
     assert conditional.shape == (6, *x.shape)
     # The backward pass is linear in the relevance: all channels' conditions add up to the map.
     _close(conditional.sum(axis=0), explanation.input)
     for channel in (0, 3):
-        seeded = jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, explanation.layers["lower"] * masks[channel])
+        seeded = jaxlrp.lrp(Lower(), COMPOSITE)(lower, x, target=explanation.layers["lower"] * masks[channel])
         _close(conditional[channel], seeded)
-        direct = explain(variables, x, TARGET, conditions={"lower": masks[channel]}).input  # the loop
+        direct = explain(variables, x, target=TARGET, conditions={"lower": masks[channel]}).input  # the loop
         _close(conditional[channel], direct)
     per_sample = jnp.array([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]])
-    got = explain(variables, x, TARGET, conditions={"lower": per_sample}).input
+    got = explain(variables, x, target=TARGET, conditions={"lower": per_sample}).input
     _close(got, jnp.stack([conditional[i, i] for i in range(3)]))
     # Two layers conditioned at once, the relevance recorded at the lower one before its condition.
-    both = explain(variables, x, TARGET, conditions={"lower": masks[2], "upper/hidden": jnp.ones(8)})
+    both = explain(variables, x, target=TARGET, conditions={"lower": masks[2], "upper/hidden": jnp.ones(8)})
     _close(both.input, conditional[2])
     _close(both.layers["lower"], explanation.layers["lower"])
 
@@ -149,14 +149,14 @@ def test_many_targets_equal_one_call_per_target(linen):
     x, variables, _, _ = linen
     targets = jnp.array([[0, 1], [2, 3], [4, 0]])
     explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
-    many = explain(variables, x, targets)
+    many = explain(variables, x, target=targets)
     assert many.input.shape == (2, *x.shape) and many.layers["lower"].shape == (2, 3, 6, 6, 6)
     for k in range(2):
-        one = explain(variables, x, targets[:, k])
+        one = explain(variables, x, target=targets[:, k])
         _close(many.input[k], one.input)
         _close(many.layers["lower"][k], one.layers["lower"])
     with pytest.raises(ValueError, match="out of range"):
-        explain(variables, x, jnp.array([[0, 5], [0, 0], [0, 0]]))
+        explain(variables, x, target=jnp.array([[0, 5], [0, 0], [0, 0]]))
 
 
 def test_many_next_token_candidates():
@@ -170,15 +170,15 @@ def test_many_next_token_candidates():
     variables = Tiny().init(jax.random.key(0), tokens)
     explain = jaxlrp.lrp(Tiny(), COMPOSITE)
     candidates = jnp.array([[3, 7, 1], [0, 2, 9]])
-    many = explain(variables, tokens, candidates)
+    many = explain(variables, tokens, target=candidates)
     assert many.shape == (3, 2, 4)
     for k in range(3):
-        np.testing.assert_allclose(many[k], explain(variables, tokens, candidates[:, k]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(many[k], explain(variables, tokens, target=candidates[:, k]), rtol=1e-5, atol=1e-7)
 
 
 def test_top_concepts(linen):
     x, variables, _, _ = linen
-    explanation = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, TARGET)
+    explanation = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))(variables, x, target=TARGET)
     channels, relevance = concepts.top_concepts(explanation, "lower", k=3)
     per_channel = np.asarray(explanation.layers["lower"]).sum(axis=(1, 2))
     assert channels.shape == relevance.shape == (3, 3)
@@ -228,12 +228,12 @@ def several():
 def test_pytree_inputs_conserve_the_seed_together(several):
     x, variables = several
     target = jnp.array([0, 3])
-    relevance = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0())(variables, x, target)
+    relevance = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0())(variables, x, target=target)
     assert jax.tree.map(jnp.shape, relevance) == {"image": (2, 3, 3, 1), "vector": (2, 5), "ids": (2, 2)}
     total = sum(r.reshape(2, -1).sum(axis=1) for r in jax.tree.leaves(relevance))
     seed = ImageVectorTokens().apply(variables, x)[jnp.arange(2), target]
     np.testing.assert_allclose(total, seed, rtol=1e-12)  # LRP-0 without biases conserves
-    jitted = jax.jit(jaxlrp.lrp(ImageVectorTokens(), composites.LRP0()))(variables, x, target)
+    jitted = jax.jit(jaxlrp.lrp(ImageVectorTokens(), composites.LRP0()))(variables, x, target=target)
     np.testing.assert_allclose(jitted["vector"], relevance["vector"], rtol=1e-12)
 
 
@@ -241,7 +241,7 @@ def test_each_leaf_equals_explaining_it_with_the_others_held_fixed(several):
     x, variables = several
     composite = composites.EpsilonPlus()
     target = jnp.array([1, 2])
-    together = jaxlrp.lrp(ImageVectorTokens(), composite)(variables, x, target)
+    together = jaxlrp.lrp(ImageVectorTokens(), composite)(variables, x, target=target)
 
     def fn(params, image, vector, ids):
         return ImageVectorTokens().apply(params, {"image": image, "vector": vector, "ids": ids})
@@ -261,7 +261,7 @@ def test_record_with_a_dict_input(several):
     conserves: what arrives at the image's dense layer leaves through the image."""
     x, variables = several
     target = jnp.array([0, 3])
-    explanation = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0(), record=("Dense_0", "Dense_1"))(variables, x, target)
+    explanation = jaxlrp.lrp(ImageVectorTokens(), composites.LRP0(), record=("Dense_0", "Dense_1"))(variables, x, target=target)
     seed = ImageVectorTokens().apply(variables, x)[jnp.arange(2), target]
     np.testing.assert_allclose(explanation.layers["Dense_1"].sum(-1), seed, rtol=1e-12)
     np.testing.assert_allclose(explanation.layers["Dense_0"].sum(-1), explanation.input["image"].sum((1, 2, 3)), rtol=1e-10)
@@ -278,10 +278,10 @@ def test_relevance_maximization_equals_brute_force(linen, by, reduce, sharded):
     explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
     mesh = jax.make_mesh((8,), ("data",)) if sharded else None
     indices, scores = concepts.relevance_maximization(
-        explain, variables, data, "lower", targets, k=4, batch_size=16 if sharded else 8, mesh=mesh, progress=False,
+        explain, variables, data, "lower", targets=targets, k=4, batch_size=16 if sharded else 8, mesh=mesh, progress=False,
         by=by, reduce=reduce,
     )
-    explanation = explain(variables, jnp.asarray(data), jnp.asarray(targets))
+    explanation = explain(variables, jnp.asarray(data), target=jnp.asarray(targets))
     values = np.asarray((explanation.layers if by == "relevance" else explanation.activations)["lower"])
     per_sample = values.sum(axis=(1, 2)) if reduce == "sum" else values.max(axis=(1, 2))  # (37, 6)
     assert indices.shape == scores.shape == (6, 4)
@@ -320,7 +320,7 @@ def test_conditional_heatmaps_equal_zennit_crp():
     theirs = CondAttribution(torch_model)(x, conditions, EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])).heatmap
     masks = jax.nn.one_hot(jnp.array([3, 7]), 16, dtype=jnp.float64)  # one concept per sample
     x_ours = jnp.asarray(twins.to_nhwc(x.detach().numpy()))
-    ours = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x_ours, jnp.array([5, 5]), conditions={"conv2": masks})
+    ours = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x_ours, target=jnp.array([5, 5]), conditions={"conv2": masks})
     np.testing.assert_allclose(np.asarray(ours).sum(axis=-1), theirs.detach().numpy(), rtol=1e-10, atol=1e-16)
 
 
@@ -343,7 +343,7 @@ def test_conditions_under_grad_and_shard_map(linen):
     explain = jaxlrp.lrp(Full(), COMPOSITE, record=("lower",))
 
     def total(mask):
-        return explain(variables, x, TARGET, conditions={"lower": mask}).input.sum()
+        return explain(variables, x, target=TARGET, conditions={"lower": mask}).input.sum()
 
     grad = jax.jit(jax.grad(total))(jnp.ones(6))
     _close(grad, jnp.stack([total(m) for m in jnp.eye(6)]))
@@ -357,11 +357,11 @@ def test_conditions_under_grad_and_shard_map(linen):
     masks = jax.nn.one_hot(jnp.arange(8) % 6, 6, dtype=jnp.float64)  # a concept per sample
 
     def body(xb, tb, mb):
-        return explain(variables, xb, tb, conditions={"lower": mb})
+        return explain(variables, xb, target=tb, conditions={"lower": mb})
 
     sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
     put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
     got = sharded(put(batch), put(targets), put(masks))
-    expected = explain(variables, batch, targets, conditions={"lower": masks})
+    expected = explain(variables, batch, target=targets, conditions={"lower": masks})
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         _close(a, b)

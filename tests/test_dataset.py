@@ -39,10 +39,10 @@ def test_equals_a_direct_call_with_a_short_last_batch(setup, tmp_path, sharded):
     explain, variables, x = setup
     targets = np.arange(len(x)) % 3
     mesh = jax.make_mesh((8,), ("data",)) if sharded else None
-    written = jaxlrp.explain_dataset(explain, variables, x, targets, out=tmp_path / "r", batch_size=16, mesh=mesh,
+    written = jaxlrp.explain_dataset(explain, variables, x, targets=targets, out=tmp_path / "r", batch_size=16, mesh=mesh,
                                      progress=False)
     assert written.shape == x.shape and written.dtype.numpy_dtype == np.float32
-    np.testing.assert_allclose(np.asarray(written), explain(variables, x, targets), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(written), explain(variables, x, target=targets), rtol=1e-5, atol=1e-6)
     chunk_rows = 16 // 8 if sharded else 16  # one chunk per device shard; none past the end
     assert len([f for f in os.listdir(tmp_path / "r") if f[0].isdigit()]) == -(-len(x) // chunk_rows)
 
@@ -55,9 +55,9 @@ def test_reads_zarr_memmap_and_token_ids_and_seeds(setup, tmp_path):
                     create=True, dtype=ts.float32, shape=x.shape).result()
     store[...] = x
     seeds = np.random.default_rng(1).normal(size=(len(x), 3)).astype(np.float32)
-    reference = explain(variables, x, seeds)
+    reference = explain(variables, x, target=seeds)
     for i, source in enumerate((memmap, store)):
-        written = jaxlrp.explain_dataset(explain, variables, source, seeds, out=tmp_path / f"r{i}", batch_size=10,
+        written = jaxlrp.explain_dataset(explain, variables, source, targets=seeds, out=tmp_path / f"r{i}", batch_size=10,
                                          progress=False, dtype=np.float64)
         assert written.dtype.numpy_dtype == np.float64
         np.testing.assert_allclose(np.asarray(written), reference, rtol=1e-5, atol=1e-6)
@@ -89,7 +89,7 @@ def test_bad_input_is_an_error_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match=r"holds an array of shape \(8, 8, 8, 2\).*this run writes shape \(9, 8, 8, 2\)"):
         jaxlrp.explain_dataset(explain, variables, x[:9], out=tmp_path / "r", batch_size=8, progress=False)
     with pytest.raises(ValueError, match="targets has 3 rows, but x has 9 samples"):
-        jaxlrp.explain_dataset(explain, variables, x[:9], np.zeros(3, int), out=tmp_path / "s", batch_size=8)
+        jaxlrp.explain_dataset(explain, variables, x[:9], targets=np.zeros(3, int), out=tmp_path / "s", batch_size=8)
     with pytest.raises(ValueError, match="batch_size 12 does not divide over the 8 devices"):
         jaxlrp.explain_dataset(explain, variables, x, out=tmp_path / "s", batch_size=12,
                                mesh=jax.make_mesh((8,), ("data",)))

@@ -40,7 +40,7 @@ def _expected_curve(fn, x, target, region_relevance, descending):
 @pytest.mark.parametrize("order", ["morf", "lerf"])
 def test_pixel_flipping_removes_each_features_relevance(order):
     fn, x, relevance, target = _linear_problem(shape=(4, 10))
-    curve = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,), order=order)
+    curve = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,), order=order)
     assert curve.shape == (4, 11)
     expected = _expected_curve(fn, x, target, np.asarray(relevance), descending=order == "morf")
     np.testing.assert_allclose(curve, expected, rtol=1e-12, atol=1e-12)
@@ -49,7 +49,7 @@ def test_pixel_flipping_removes_each_features_relevance(order):
 @pytest.mark.parametrize("order", ["morf", "lerf"])
 def test_region_perturbation_with_2x2xC_patches(order):
     fn, x, relevance, target = _linear_problem()
-    curve = evaluate.region_perturbation(fn, x, relevance, target, patch=(2, 2, 2), order=order, steps=3)
+    curve = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2, 2, 2), order=order, steps=3)
     blocks = np.asarray(relevance).reshape(3, 2, 2, 2, 2, 2).sum(axis=(2, 4, 5)).reshape(3, 4)
     expected = _expected_curve(fn, x, target, blocks, descending=order == "morf")[:, :4]
     np.testing.assert_allclose(curve, expected, rtol=1e-12, atol=1e-12)
@@ -57,8 +57,8 @@ def test_region_perturbation_with_2x2xC_patches(order):
 
 def test_aopc_and_abpc_follow_their_definitions():
     fn, x, relevance, target = _linear_problem(shape=(3, 12))
-    morf = np.asarray(evaluate.region_perturbation(fn, x, relevance, target, patch=(2,)))
-    lerf = np.asarray(evaluate.region_perturbation(fn, x, relevance, target, patch=(2,), order="lerf"))
+    morf = np.asarray(evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2,)))
+    lerf = np.asarray(evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2,), order="lerf"))
     steps = morf.shape[1] - 1
     aopc = [sum(morf[b, 0] - morf[b, k] for k in range(steps + 1)) / (steps + 1) for b in range(3)]
     np.testing.assert_allclose(evaluate.aopc(morf), aopc, rtol=1e-12)
@@ -72,19 +72,19 @@ def test_baselines_mean_value_and_uniform_noise():
     fn, x, relevance, target = _linear_problem(shape=(2, 6))
     rows = np.arange(2)
     for baseline, fill in [(0.5, np.full(x.shape, 0.5)), ("mean", np.broadcast_to(np.asarray(x).mean(1, keepdims=True), x.shape))]:
-        curve = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,), baseline=baseline)
+        curve = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,), baseline=baseline)
         np.testing.assert_allclose(curve[:, -1], np.asarray(fn(jnp.asarray(fill)))[rows, np.asarray(target)], rtol=1e-12)
     key = jax.random.key(3)
-    curve = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,), baseline="uniform", key=key)
-    again = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,), baseline="uniform", key=key, order="lerf")
+    curve = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,), baseline="uniform", key=key)
+    again = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,), baseline="uniform", key=key, order="lerf")
     np.testing.assert_allclose(curve[:, -1], again[:, -1], rtol=1e-12)  # the same noise, whatever the order
     assert not np.allclose(curve[:, -1], np.asarray(fn(0 * x))[rows, np.asarray(target)])
 
 
 def test_random_order_is_a_permutation_per_sample():
     fn, x, relevance, target = _linear_problem(shape=(5, 8))
-    curve = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,), order="random", key=jax.random.key(0))
-    morf = evaluate.region_perturbation(fn, x, relevance, target, patch=(1,))
+    curve = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,), order="random", key=jax.random.key(0))
+    morf = evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,))
     np.testing.assert_allclose(curve[:, [0, -1]], morf[:, [0, -1]], atol=1e-12)  # all replaced in the end
     drops = -np.diff(np.asarray(curve), axis=1)  # each step removes one feature's relevance
     np.testing.assert_allclose(np.sort(drops, axis=1), np.sort(np.asarray(relevance), axis=1), atol=1e-12)
@@ -94,22 +94,22 @@ def test_random_order_is_a_permutation_per_sample():
 def test_jit_chunks_and_outputs_without_classes():
     fn, x, relevance, target = _linear_problem()
     kwargs = dict(patch=(2, 1, 2), order="morf")
-    eager = evaluate.region_perturbation(fn, x, relevance, target, **kwargs)
-    jitted = jax.jit(lambda x, r, t: evaluate.region_perturbation(fn, x, r, t, **kwargs))(x, relevance, target)
+    eager = evaluate.region_perturbation(fn, x, relevance, target=target, **kwargs)
+    jitted = jax.jit(lambda x, r, t: evaluate.region_perturbation(fn, x, r, target=t, **kwargs))(x, relevance, target)
     np.testing.assert_allclose(jitted, eager, rtol=1e-12)
     for chunk in (3, 4, 100):  # chunks of steps, the last one padded
-        np.testing.assert_allclose(evaluate.region_perturbation(fn, x, relevance, target, chunk=chunk, **kwargs), eager, rtol=1e-12)
-    assert evaluate.region_perturbation(fn, x, relevance, target, steps=0, **kwargs).shape == (3, 1)
+        np.testing.assert_allclose(evaluate.region_perturbation(fn, x, relevance, target=target, chunk=chunk, **kwargs), eager, rtol=1e-12)
+    assert evaluate.region_perturbation(fn, x, relevance, target=target, steps=0, **kwargs).shape == (3, 1)
     score = lambda z: fn(z)[:, 1]  # noqa: E731 - a (batch,) score
     np.testing.assert_allclose(
         evaluate.region_perturbation(score, x, relevance, **kwargs),
-        evaluate.region_perturbation(fn, x, relevance, 1, **kwargs),
+        evaluate.region_perturbation(fn, x, relevance, target=1, **kwargs),
         rtol=1e-12,
     )
     predicted = jnp.argmax(fn(x), axis=-1)  # target=None: the predicted class
     np.testing.assert_allclose(
         evaluate.region_perturbation(fn, x, relevance, **kwargs),
-        evaluate.region_perturbation(fn, x, relevance, predicted, **kwargs),
+        evaluate.region_perturbation(fn, x, relevance, target=predicted, **kwargs),
         rtol=1e-12,
     )
 
@@ -117,17 +117,17 @@ def test_jit_chunks_and_outputs_without_classes():
 def test_region_perturbation_errors():
     fn, x, relevance, target = _linear_problem()
     with pytest.raises(ValueError, match="each dividing that axis"):
-        evaluate.region_perturbation(fn, x, relevance, target, patch=(3, 2, 2))
+        evaluate.region_perturbation(fn, x, relevance, target=target, patch=(3, 2, 2))
     with pytest.raises(ValueError, match="one size per non-batch axis"):
-        evaluate.region_perturbation(fn, x, relevance, target, patch=(2, 2))
+        evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2, 2))
     with pytest.raises(ValueError, match=r"steps must lie in \[0, 4\]"):
-        evaluate.region_perturbation(fn, x, relevance, target, patch=(2, 2, 2), steps=5)
+        evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2, 2, 2), steps=5)
     with pytest.raises(ValueError, match="needs key="):
-        evaluate.region_perturbation(fn, x, relevance, target, patch=(2, 2, 2), order="random")
+        evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2, 2, 2), order="random")
     with pytest.raises(ValueError, match="order must be one of"):
-        evaluate.region_perturbation(fn, x, relevance, target, patch=(2, 2, 2), order="best")
+        evaluate.region_perturbation(fn, x, relevance, target=target, patch=(2, 2, 2), order="best")
     with pytest.raises(ValueError, match="shaped like the input"):
-        evaluate.region_perturbation(fn, x, relevance[:, :2], target, patch=(2, 2, 2))
+        evaluate.region_perturbation(fn, x, relevance[:, :2], target=target, patch=(2, 2, 2))
     with pytest.raises(ValueError, match="MoRF curve"):
         evaluate.abpc(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
 
@@ -166,17 +166,17 @@ def test_randomization_test_equals_a_cascading_loop(mlp):
     def randomize(key, path, leaf):  # deterministic, to compare with the loop
         return jnp.roll(leaf, 1, axis=-1) * (2.0 if path.endswith("kernel") else -1.0)
 
-    result = evaluate.randomization_test(explain, variables, x, target, key=jax.random.key(0), randomize=randomize)
+    result = evaluate.randomization_test(explain, variables, x, target=target, key=jax.random.key(0), randomize=randomize)
     assert result.layers == ("out", "hidden1", "hidden2")  # creation order, from the top
-    original = np.asarray(explain(variables, x, target))
+    original = np.asarray(explain(variables, x, target=target))
     params = jax.tree.map(np.asarray, variables["params"])
     for step, layer in enumerate(result.layers):
         params = {**params, layer: {k: np.asarray(randomize(None, f"params/{layer}/{k}", v)) for k, v in params[layer].items()}}
-        maps = np.asarray(explain({"params": params}, x, target))
+        maps = np.asarray(explain({"params": params}, x, target=target))
         expected = [scipy.stats.spearmanr(original[i], maps[i])[0] for i in range(6)]
         np.testing.assert_allclose(result.correlation[step], expected, rtol=1e-10)
     absolute = evaluate.randomization_test(
-        explain, variables, x, target, key=jax.random.key(0), randomize=randomize, absolute=True, layers=["hidden1", "out"]
+        explain, variables, x, target=target, key=jax.random.key(0), randomize=randomize, absolute=True, layers=["hidden1", "out"]
     )
     assert absolute.layers == ("out", "hidden1") and absolute.correlation.shape == (2, 6)
 
@@ -200,16 +200,16 @@ def test_sweep_equals_a_python_loop_over_the_grid(mlp):
 
     grid = {"gamma": [0.0, 2.0], "epsilon": [1e-6, 0.3]}
     args = dict(patch=(2,), steps=3)
-    result = evaluate.sweep(make, grid, model, variables, x, target, **args)
+    result = evaluate.sweep(make, grid, model, variables, x, target=target, **args)
     assert result.scores.shape == (2, 2)
-    vmapped = evaluate.sweep(make, grid, model, variables, x, target, points_per_call=None, **args)
+    vmapped = evaluate.sweep(make, grid, model, variables, x, target=target, points_per_call=None, **args)
     np.testing.assert_allclose(vmapped.scores, result.scores, rtol=1e-10)
     forward = functools.partial(model.apply, variables)
     for i, gamma in enumerate(grid["gamma"]):
         for j, epsilon in enumerate(grid["epsilon"]):
-            relevance = jaxlrp.lrp(model, make(gamma, epsilon))(variables, x, target)
-            morf = evaluate.region_perturbation(forward, x, relevance, target, **args)
-            lerf = evaluate.region_perturbation(forward, x, relevance, target, order="lerf", **args)
+            relevance = jaxlrp.lrp(model, make(gamma, epsilon))(variables, x, target=target)
+            morf = evaluate.region_perturbation(forward, x, relevance, target=target, **args)
+            lerf = evaluate.region_perturbation(forward, x, relevance, target=target, order="lerf", **args)
             np.testing.assert_allclose(result.scores[i, j], evaluate.abpc(morf, lerf).mean(), rtol=1e-10)
     i, j = np.unravel_index(np.argmax(result.scores), result.scores.shape)
     assert result.best == {"gamma": grid["gamma"][i], "epsilon": grid["epsilon"][j]}

@@ -122,9 +122,9 @@ def test_half_precision_cnns_against_float32_on_the_same_weights():
     bound = _relative_l2(grad_x_input(model_low, variables_low, x), grad_x_input(model32, same, x.astype(jnp.float32)))
     for name, composite in (("EpsilonPlusFlat", composites.EpsilonPlusFlat()),
                             ("EpsilonAlpha2Beta1Flat", composites.EpsilonAlpha2Beta1Flat())):  # γ: measured
-        relevance = jaxlrp.lrp(model_low, composite)(variables_low, x, target)
+        relevance = jaxlrp.lrp(model_low, composite)(variables_low, x, target=target)
         assert relevance.dtype == low and bool(jnp.all(jnp.isfinite(relevance)))
-        distance = _relative_l2(relevance, jaxlrp.lrp(model32, composite)(same, x.astype(jnp.float32), target))
+        distance = _relative_l2(relevance, jaxlrp.lrp(model32, composite)(same, x.astype(jnp.float32), target=target))
         assert distance <= bound, (name, distance, bound)
 
 
@@ -142,6 +142,6 @@ def test_float32_maps_equal_float64_maps():
     target = jnp.argmax(model64.apply(variables, x), -1)
     variables32 = jax.tree.map(lambda a: a.astype(jnp.float32), variables)
     for composite in (composites.EpsilonAlpha2Beta1Flat(),):  # γ and EpsilonPlusFlat: measured
-        exact = jaxlrp.lrp(model64, composite)(variables, x, target)
-        relevance = jaxlrp.lrp(model32, composite)(variables32, x.astype(np.float32), target)
+        exact = jaxlrp.lrp(model64, composite)(variables, x, target=target)
+        relevance = jaxlrp.lrp(model32, composite)(variables32, x.astype(np.float32), target=target)
         assert _relative_l2(relevance, exact) < 1e-5, composite

@@ -542,10 +542,10 @@ def test_a_float_keyword_argument_the_model_reshapes():
     adj = jax.random.uniform(jax.random.PRNGKey(2), (2, 5, 5), jnp.float64)
     variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(1), x, adj))
     explain = jaxlrp.lrp(model, composites.LRP0())
-    traced = jax.jit(lambda v, x, a: explain(v, x, 1, adj=a))(variables, x, adj)
+    traced = jax.jit(lambda v, x, a: explain(v, x, target=1, adj=a))(variables, x, adj)
     gradient = jax.grad(lambda x: model.apply(variables, x, adj)[:, 1].sum())(x)
     np.testing.assert_allclose(traced, gradient * x, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(explain(variables, x, 1, adj=adj), traced, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(explain(variables, x, target=1, adj=adj), traced, rtol=1e-12, atol=1e-14)
 
 
 class Normed(nn.Module):

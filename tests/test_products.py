@@ -82,11 +82,11 @@ def test_every_product_of_a_recurrent_cell_has_its_gate_found(cell):
     assert len(products) == 3 and all(len(info.gates) == 1 for info in products), products
     composite = composites.combine(composites.LayerMap({"product": rules.SignalTakeAll()}), composites.EpsilonPlus())
     explain = jaxlrp.lrp(model, composite)
-    relevance = jax.jit(explain)(variables, x, 1)
-    np.testing.assert_allclose(relevance, explain(variables, x, 1), rtol=2e-5, atol=1e-6)
-    per_sample = jax.vmap(lambda xi: explain(variables, xi[None], 1)[0])(x)
+    relevance = jax.jit(explain)(variables, x, target=1)
+    np.testing.assert_allclose(relevance, explain(variables, x, target=1), rtol=2e-5, atol=1e-6)
+    per_sample = jax.vmap(lambda xi: explain(variables, xi[None], target=1)[0])(x)
     np.testing.assert_allclose(per_sample, relevance, rtol=2e-5, atol=1e-6)
-    uniform = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x, 1)
+    uniform = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x, target=1)
     assert not np.allclose(uniform, relevance)  # the rule in the table is the rule that runs
 
 

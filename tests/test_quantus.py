@@ -45,9 +45,9 @@ def test_region_perturbation_equals_quantus(order):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), jnp.float32).astype(jnp.float64)
     variables = model.init(jax.random.key(1), x)
     target = jnp.array([3, 1, 4, 1])
-    relevance = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x, target)
+    relevance = jaxlrp.lrp(model, composites.EpsilonPlus())(variables, x, target=target)
     forward = functools.partial(model.apply, variables)
-    ours = evaluate.region_perturbation(forward, x, relevance, target, patch=(2, 2, 1), order=order, baseline=0.0)
+    ours = evaluate.region_perturbation(forward, x, relevance, target=target, patch=(2, 2, 1), order=order, baseline=0.0)
 
     metric = quantus.RegionPerturbation(
         patch_size=2, order=order, regions_evaluation=16, perturb_baseline=0.0, abs=False, normalise=False,
@@ -84,7 +84,7 @@ def test_randomisation_test_equals_quantus_mprt():
     explain = jaxlrp.lrp(model, composites.EpsilonPlus())
 
     def explain_func(model, inputs, targets, **kwargs):
-        relevance = explain(_vgg_variables(model), jnp.asarray(twins.to_nhwc(inputs)), jnp.asarray(targets))
+        relevance = explain(_vgg_variables(model), jnp.asarray(twins.to_nhwc(inputs)), target=jnp.asarray(targets))
         return np.asarray(relevance).transpose(0, 3, 1, 2)
 
     seed = 42
@@ -105,7 +105,7 @@ def test_randomisation_test_equals_quantus_mprt():
         for path, leaf in jax.tree_util.tree_flatten_with_path(_vgg_variables(reset.double()))[0]
     }
     ours = evaluate.randomization_test(
-        explain, variables, x, jnp.asarray(target), key=jax.random.key(0), absolute=True,
+        explain, variables, x, target=jnp.asarray(target), key=jax.random.key(0), absolute=True,
         randomize=lambda key, path, leaf: reset_values[path].astype(leaf.dtype),
     )
     assert ours.layers == ("fc2", "fc1", "bn2", "conv2", "bn1", "conv1", "bn0", "conv0")

@@ -44,8 +44,8 @@ def test_vmap_over_batch_equals_batched(name, dtype):
     variables, x = _in(dtype)
     explain = jaxlrp.lrp(MODEL, models.NAMED[name]())
     targets = jnp.array([0, 1, 2, 1])
-    per_sample = jax.vmap(lambda xi, ti: explain(variables, xi[None], ti[None])[0])(x, targets)
-    np.testing.assert_allclose(per_sample, explain(variables, x, targets), **models.tolerance(dtype))
+    per_sample = jax.vmap(lambda xi, ti: explain(variables, xi[None], target=ti[None])[0])(x, targets)
+    np.testing.assert_allclose(per_sample, explain(variables, x, target=targets), **models.tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", models.PRECISIONS)
@@ -146,8 +146,8 @@ def test_jvp_of_relevance_function(setup):
     variables, x = setup
     explain = jaxlrp.lrp(MODEL, composites.EpsilonPlus(epsilon=0.1))
     direction = jax.random.normal(jax.random.PRNGKey(6), x.shape, x.dtype)
-    _, tangent = jax.jvp(lambda x: explain(variables, x, 0), (x,), (direction,))
-    expected = _finite_difference(lambda x: explain(variables, x, 0), x, direction)
+    _, tangent = jax.jvp(lambda x: explain(variables, x, target=0), (x,), (direction,))
+    expected = _finite_difference(lambda x: explain(variables, x, target=0), x, direction)
     np.testing.assert_allclose(tangent, expected, rtol=1e-5, atol=1e-9)
 
 
@@ -274,12 +274,12 @@ def test_shard_map_with_sharded_targets_and_grad():
     explain = jaxlrp.lrp(MODEL, composites.EpsilonPlus(epsilon=0.1))
 
     def loss(v, xb, tb):
-        return jax.lax.psum(jnp.sum(explain(v, xb, tb) ** 2), "data")
+        return jax.lax.psum(jnp.sum(explain(v, xb, target=tb) ** 2), "data")
 
     sharded_loss = jax.shard_map(loss, mesh=mesh, in_specs=(PartitionSpec(), spec, spec), out_specs=PartitionSpec())
     targets_sharded = jax.device_put(targets, NamedSharding(mesh, spec))
     grad = jax.jit(jax.grad(sharded_loss, argnums=1))(variables, sharded, targets_sharded)
-    expected = jax.grad(lambda xb: jnp.sum(explain(variables, xb, targets) ** 2))(x)
+    expected = jax.grad(lambda xb: jnp.sum(explain(variables, xb, target=targets) ** 2))(x)
     np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-14)
 
 
@@ -289,7 +289,7 @@ def test_shard_map_with_sharded_targets_and_grad():
 def _gamma_sweep(variables, x, target=None):
     def explain(gamma):
         composite = composites.LayerMap({nn.Conv: rules.Gamma(gamma), nn.Dense: rules.Epsilon()})
-        return jaxlrp.lrp(MODEL, composite)(variables, x, target)
+        return jaxlrp.lrp(MODEL, composite)(variables, x, target=target)
 
     return explain
 
@@ -338,10 +338,10 @@ def test_shard_map_with_a_target_per_device():
     spec = PartitionSpec("d")
     mesh = jax.make_mesh((8,), ("d",))
     classes = jnp.arange(8) % 3
-    per_device = jax.shard_map(lambda t: explain(variables, x, jnp.full(16, t[0]))[None], mesh=mesh,
+    per_device = jax.shard_map(lambda t: explain(variables, x, target=jnp.full(16, t[0]))[None], mesh=mesh,
                                in_specs=spec, out_specs=spec)
     result = jax.jit(per_device)(jax.device_put(classes, NamedSharding(mesh, spec)))
-    expected = jnp.stack([explain(variables, x, jnp.full(16, c)) for c in classes])
+    expected = jnp.stack([explain(variables, x, target=jnp.full(16, c)) for c in classes])
     np.testing.assert_allclose(result, expected, rtol=1e-10, atol=1e-14)
 
 

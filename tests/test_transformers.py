@@ -360,7 +360,7 @@ def test_attnlrp_finds_the_planted_token():
     test_tokens, test_labels, where = _planted_data(256, 1)
     assert float((model.apply(params, test_tokens).argmax(-1) == test_labels).mean()) > 0.95
     positive = np.asarray(test_labels) == 1
-    relevance = jax.jit(jaxlrp.lrp(model, composites.AttnLRP()))(params, test_tokens, jnp.ones(256, int))
+    relevance = jax.jit(jaxlrp.lrp(model, composites.AttnLRP()))(params, test_tokens, target=jnp.ones(256, int))
     attnlrp_hits = (np.asarray(relevance).argmax(-1) == where)[positive].mean()
 
     def with_embedding_offset(delta):
@@ -447,11 +447,11 @@ def test_half_precision_softmax_is_a_softmax(dtype, name):
     assert kinds.count("softmax") == (name == "AttnLRP")
     assert kinds.count("bilinear") == (2 if name == "AttnLRP" else 0)
     explain = jax.jit(jaxlrp.lrp(HalfAttention(dtype), composite))
-    relevance = explain(variables, x, 0)
+    relevance = explain(variables, x, target=0)
     wide = jax.tree.map(lambda a: a.astype(jnp.float32), (variables, x))
-    reference = np.asarray(jaxlrp.lrp(HalfAttention(), composite)(*wide, 0))
+    reference = np.asarray(jaxlrp.lrp(HalfAttention(), composite)(*wide, target=0))
     assert _relative_l2(relevance, reference) < 0.1
-    per_sample = jax.vmap(lambda xi: explain(variables, xi[None], 0)[0])(x)  # measured: 0.004
+    per_sample = jax.vmap(lambda xi: explain(variables, xi[None], target=0)[0])(x)  # measured: 0.004
     assert _relative_l2(per_sample, relevance) < 0.02
 
 
