@@ -69,7 +69,7 @@ class Flow:
         return isinstance(atom, Value) and atom in self.carrying
 
     def is_learned(self, atom: Atom) -> bool:
-        """Computed from the parameters and not from the input (a weight, a statistic)."""
+        """Computed from the parameters and not from the input (a weight, a bias)."""
         return isinstance(atom, Value) and atom in self.learned and atom not in self.active
 
     def users(self, value: Value) -> tuple[Node | None, ...]:
@@ -113,8 +113,9 @@ def analyze(program: Program, explained: list[bool], learned_inputs: list[bool] 
         if any(isinstance(a, Value) and a in learned for a in node.inputs):
             learned.update(node.outputs)
         if node.body is not None:  # scan, a kernel with a reference: what the body carries out
+            if any(isinstance(a, Value) and a in active for a in node.inputs):
+                active.update(node.outputs)  # computed from the input, carrying or not
             outs = [v for v, c in zip(node.outputs, analyze(node.body, body_flags(node, carrying)).output_carries()) if c]
-            active.update(outs)
             carrying.update(outs)
         elif any(isinstance(a, Value) and a in active for a in node.inputs):
             active.update(node.outputs)

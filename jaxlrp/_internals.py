@@ -24,7 +24,7 @@ fails there, by name, instead of as a wrong heatmap:
   `preferred_element_type` (`with_accumulation`).
 * **Primitive names**: which primitive each `jnp`, `lax` and `nn` function emits (jax 0.10 made
   `jnp.stack` a primitive of its own, for instance). The engine's sets of names
-  (`_program.ELEMENTWISE`, `_program.CALLS`, `_plan`'s) are checked against a catalogue of
+  (`_program.ELEMENTWISE`, `_program.CALLS`, the operation families' in `jaxlrp._ops`) are checked against a catalogue of
   functions in the tests.
 * **Defining a primitive** (`jax.interpreters.ad`, `batching`, `mlir`): the JVP, batching and
   lowering tables that `jaxlrp.extend.with_reference` registers its primitive in

@@ -31,8 +31,9 @@ Describe = Callable[[str], tuple[str, type | None]]
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
     """What a plan is made with, passed whole to the plans of scan bodies and kernels:
-    `describe(scope)` gives the module path and class of a name stack; `hold` names the
-    operation kinds whose outputs are constants to LRP ("softmax": CP-LRP's attention)."""
+    `describe(scope)` gives the module path and class of a name stack; `hold` names what LRP
+    holds constant: "softmax" (the attention weights, CP-LRP), "selection" (the selection
+    parameters of a state-space model, MambaLRP)."""
 
     describe: Describe
     hold: frozenset[str] = frozenset()

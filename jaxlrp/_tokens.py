@@ -75,7 +75,9 @@ def token_relevance(reads: list[TokenRead], at_taps: list, leaves: list, floats:
         flat = per_row.reshape(*lead, -1)
         size = int(np.size(leaves[read.leaf]))
         valid = read.codes.reshape(-1) >= 0
-        summed = jnp.zeros((*lead, size), r.dtype).at[..., read.codes.reshape(-1)[valid]].add(flat[..., valid])
+        wide = jnp.promote_types(r.dtype, jnp.float32)  # summed in float32 at least (bfloat16 models)
+        codes = read.codes.reshape(-1)[valid]
+        summed = jnp.zeros((*lead, size), wide).at[..., codes].add(flat[..., valid].astype(wide)).astype(r.dtype)
         value = summed.reshape(*lead, *np.shape(leaves[read.leaf]))
         out[read.leaf] = value if read.leaf not in out else out[read.leaf] + value
     return out
@@ -122,7 +124,8 @@ def _read(index: int, node: Node, codes: dict) -> TokenRead:
             "tables; their relevance cannot be told apart. Explain them as one input."
         )
     leaf, code = codes[indices]
-    if code.shape[-1] != 1:  # several index components per row: each must come from one position
-        if not all(np.array_equal(code[..., 0], code[..., k]) for k in range(code.shape[-1])):
-            raise TypeError("jaxlrp: an embedding lookup indexes its table by ids from several input positions.")
-    return TokenRead(index, leaf, code[..., 0], tuple(layout.offset_dims))
+    # Several index components per row (`table[1, ids]`): those from the input must agree.
+    from_input = [k for k in range(code.shape[-1]) if (code[..., k] >= 0).any()]
+    if not all(np.array_equal(code[..., from_input[0]], code[..., k]) for k in from_input):
+        raise TypeError("jaxlrp: an embedding lookup indexes its table by ids from several input positions.")
+    return TokenRead(index, leaf, code[..., from_input[0]], tuple(layout.offset_dims))

@@ -226,13 +226,7 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
             rule = _default_rule(info.kind, composite)
         if info.kind == AFFINE_KIND and isinstance(rule, _rules.Pass):
             _warn_unmerged(info)
-        if isinstance(rule, _rules.SignalTakeAll) and (info.kind != PRODUCT or len(info.gates) != 1):
-            found = "not a product" if info.kind != PRODUCT else f"{len(info.gates)} gate operands"
-            raise ValueError(
-                f"jaxlrp: rules.SignalTakeAll at layer '{info.path or '<root>'}' (kind '{info.kind}') needs a "
-                f"product of one gate (sigmoid or 1 − sigmoid) and one signal; found {found}. Give this "
-                f"layer rules.Uniform() (a NameMap on its path) or map only the gated products."
-            )
+        _check_held_operand(rule, info)
         if isinstance(rule, _rules.Pass) and info.input_shapes != (info.output_shape,):
             raise ValueError(
                 f"jaxlrp: rules.Pass at layer '{info.path}' needs one input shaped like its output "
@@ -240,6 +234,26 @@ def _resolve(composite: Composite, plan: Plan) -> dict:
             )
         resolved[step] = rule
     return resolved
+
+
+# Rules that hold one operand of a product: the LayerInfo field that names it, and what it is.
+_HELD_OPERAND = {
+    _rules.SignalTakeAll: ("gates", "gate", "one gate (sigmoid or 1 − sigmoid) and one signal"),
+    _rules.HoldActivated: ("activated", "activated", "one activated branch and one linear branch (a gated MLP)"),
+}
+
+
+def _check_held_operand(rule, info) -> None:
+    """An error, when the table is resolved, for a rule that holds an operand the row lacks."""
+    for cls, (field, noun, needs) in _HELD_OPERAND.items():
+        count = len(getattr(info, field))
+        if isinstance(rule, cls) and (info.kind != PRODUCT or count != 1):
+            found = "not a product" if info.kind != PRODUCT else f"{count} {noun} operands"
+            raise ValueError(
+                f"jaxlrp: rules.{cls.__name__} at layer '{info.path or '<root>'}' (kind '{info.kind}') needs a "
+                f"product of {needs}; found {found}. Give this layer rules.Uniform() (a NameMap on its "
+                f"path) or map only those products."
+            )
 
 
 def _default_rule(kind: str, composite: Composite) -> _rules.Rule:

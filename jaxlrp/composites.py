@@ -76,7 +76,8 @@ class Composite:
     """Base class: `composite.rules(layers)` gives a rule, or None, for each layer.
 
     `stabilizer`: that of the default `Norm` for sums, means and pooling, or None (1e-6).
-    `hold`: operation kinds whose outputs LRP treats as constants ("softmax": CP-LRP)."""
+    `hold`: what LRP treats as constants: "softmax" (attention weights, CP-LRP), "selection"
+    (a state-space model's selection parameters, MambaLRP)."""
 
     stabilizer = None
     hold: frozenset = frozenset()
@@ -117,8 +118,8 @@ def _key_name(key) -> str:
 class LayerMap(Composite):
     """Rules by layer kind or module class; `first` overrides the first matching layer;
     `stabilizer` is that of the default rules for sums, means, pooling, normalizations and
-    bilinear matmuls (None: 1e-6); `hold` the operation kinds whose outputs are constants to
-    LRP (`("softmax",)`: attention weights, as CP-LRP)."""
+    bilinear matmuls (None: 1e-6); `hold` what LRP treats as constants (`("softmax",)`: attention
+    weights, as CP-LRP; `("selection",)`: a state-space model's selection parameters, MambaLRP)."""
 
     def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None, stabilizer=None, hold=()):
         self.mapping = dict(mapping)

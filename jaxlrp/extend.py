@@ -49,6 +49,7 @@ def _tables() -> dict[str, object]:
         "step": registered.STEP_KINDS,
         "weighted (dense/conv)": linear.WEIGHTED_PRIMITIVES,
         "call (inlined)": _program.CALLS,
+        "nested program (scan, kernel with a reference)": _program.BODIES,
     }
 
 
@@ -83,9 +84,10 @@ def register_linear(name: str) -> None:
 
 def register_step(name: str, kind: str) -> None:
     """Registers primitive `name` as a step of its own `kind`: a row of the rule table."""
-    if not isinstance(kind, str) or not kind or kind in _table.WEIGHTED:
-        raise ValueError(f"jaxlrp.extend.register_step: the kind is a name (a str) other than the weighted "
-                         f"kinds {_table.WEIGHTED}, got {kind!r}.")
+    reserved = tuple(k for k in _table.KINDS if k not in _table.FIXED and k not in registered.STEP_KINDS.values())
+    if not isinstance(kind, str) or not kind or kind in reserved:
+        raise ValueError(f"jaxlrp.extend.register_step: the kind is a new name (a str) or a fixed map's "
+                         f"{_table.FIXED}; the kinds {reserved} belong to steps of their own structure, got {kind!r}.")
     if _check(name, "step") and registered.STEP_KINDS[name] != kind:
         raise ValueError(f"jaxlrp.extend: primitive {name!r} is already a step of kind "
                          f"{registered.STEP_KINDS[name]!r}; it cannot also be {kind!r}.")

@@ -160,8 +160,11 @@ def test_a_registered_step_is_a_row_whose_rule_sees_its_linearisation():
 
 
 def test_register_step_errors():
-    with pytest.raises(ValueError, match="weighted kinds"):
-        extend.register_step("jaxlrp_test_other", "dense")
+    for kind in ("dense", "softmax", "product", "norm"):
+        with pytest.raises(ValueError, match="belong to steps of their own structure"):
+            extend.register_step("jaxlrp_test_other", kind)
+    with pytest.raises(ValueError, match="'scan' is already registered as nested program"):
+        extend.register_step("scan", "loop")
     with pytest.raises(ValueError, match="already a step of kind 'cube'"):
         extend.register_step("jaxlrp_test_cube", "quartic")
     with pytest.raises(ValueError, match="already registered as elementwise"):
@@ -236,3 +239,23 @@ def test_a_kernel_and_a_reference_that_disagree_are_an_error():
     mismatched = extend.with_reference(_pallas_relu_matmul, lambda x, w: (x @ w)[:, :1])
     with pytest.raises(TypeError, match="same structure, shapes and dtypes"):
         mismatched(jnp.ones((2, 3)), jnp.ones((3, 4)))
+
+
+def test_a_kernel_closing_over_traced_integer_and_batched_arrays():
+    offsets = jnp.array([1, 2, 3])
+    shifted = jax.jit(lambda x, n: extend.with_reference(lambda x: x + n.astype(x.dtype),
+                                                           lambda x: x + n.astype(x.dtype))(x))
+    np.testing.assert_array_equal(shifted(jnp.ones(3), offsets), jnp.array([2.0, 3.0, 4.0]))
+    scaled = jax.vmap(lambda w: extend.with_reference(lambda x: x * w, lambda x: x * w)(jnp.ones(3)))
+    np.testing.assert_array_equal(scaled(jnp.arange(6.0).reshape(2, 3)), jnp.arange(6.0).reshape(2, 3))
+
+
+def test_a_kernel_under_vmap_inside_shard_map():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",))
+    doubled = extend.with_reference(lambda x: x * 2, lambda x: x * 2)
+    sharded = jax.jit(jax.shard_map(jax.vmap(doubled), mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    x = jax.device_put(jnp.ones((2, 3)), NamedSharding(mesh, P("data")))
+    np.testing.assert_array_equal(sharded(x), 2 * jnp.ones((2, 3)))

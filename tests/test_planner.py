@@ -170,8 +170,8 @@ def test_a_scan_body_gets_its_own_plan_with_the_same_hold():
     plan = _plan(fn, W, X, hold={"softmax"})
     (scan,) = [s for s in plan.steps.values() if isinstance(s, ScanStep)]
     assert not any(isinstance(s, SoftmaxStep) for s in scan.body.steps.values())  # held inside too
-    # the product with the held attention is linear in h: a "norm" row of the body
-    assert [s.info.kind for s in plan.table_steps()] == ["norm"]
+    # the product with the held attention is linear in h: a fixed map of the body
+    assert [s.info.kind for s in plan.table_steps()] == ["sum"]
 
 
 def test_an_unknown_primitive_names_itself_and_the_registrations():
@@ -188,3 +188,36 @@ def test_classifiers_are_tried_in_the_order_of_the_algebra():
     assert names.index("_product") < names.index("_passthrough") < names.index("_fused")
     add = [c.claim.__name__ for c in base.classifiers("add")]
     assert add.index("_learned_shift") < add.index("_join_region") < add.index("_joint_sum")
+
+
+def test_a_claimed_norm_whose_relevance_reaches_no_output_is_no_row():
+    def fn(w, x):
+        h = x @ w
+        normed = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-5)
+        return h @ w + jax.lax.stop_gradient(normed) @ w
+
+    assert [s.info.kind for s in _plan(fn, W, X).table_steps()] == ["dense", "dense"]
+
+
+@pytest.mark.parametrize("order", ["sum_times_inverse", "inverse_times_sum"])
+def test_a_mean_written_either_way_round_is_a_centering(order):
+    def fn(w, x):
+        h = x @ w
+        total = h.sum(-1, keepdims=True)
+        mean = total * (1 / 4) if order == "sum_times_inverse" else (1 / 4) * total
+        centered = h - mean
+        return centered * jax.lax.rsqrt(jnp.mean(centered * centered, -1, keepdims=True) + 1e-5)
+
+    assert [s.info.kind for s in _plan(fn, W, X).table_steps()] == ["dense", "norm"]
+
+
+def test_a_learned_shift_that_broadcasts_its_input():
+    import jaxlrp
+    from jaxlrp import composites
+
+    def fn(params, x):
+        return (x.sum(1, keepdims=True) + params["b"]) @ params["w"]  # (B, 1) + (1, 4)
+
+    params = {"b": B[None], "w": W}
+    relevance = jaxlrp.lrp_fn(fn, composites.AttnLRP())(params, X, target=0)
+    assert relevance.shape == X.shape and bool(jnp.all(jnp.isfinite(relevance)))

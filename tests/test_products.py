@@ -138,6 +138,10 @@ def test_hold_gated_mlp_leaves_sigmoid_gates_and_other_layers_alone():
     rules_by_kind = {info.kind: repr(rule) for info, rule in
                      zip(*(lambda t: (t.layers, t.rules))(jaxlrp.rule_table(gated, composite, params, x)))}
     assert rules_by_kind["product"] == "Uniform()" and rules_by_kind["dense"].startswith("Epsilon")
+    with pytest.raises(ValueError, match="HoldActivated at layer '<root>' .* found 0 activated operands"):
+        bilinear = lambda p, x: ((x @ p["gate"]) * (x @ p["signal"])) @ p["out"]  # noqa: E731 (no activation)
+        jaxlrp.rule_table(bilinear, composites.combine(composites.LayerMap({"product": rules.HoldActivated()}), DENSE),
+                          params, x)
     with pytest.raises(ValueError, match="HoldActivated needs"):
         rules.HoldActivated()(jaxlrp.Layer(lambda i, w: i[0] * i[1], None, jnp.ones(3)), (jnp.ones(3), jnp.ones(3)),
                               jnp.ones(3))

@@ -101,3 +101,26 @@ def test_integer_inputs_that_reach_no_lookup_or_several_are_errors():
         jaxlrp.lrp_fn(lambda p, t: _head(p, t.astype(jnp.float64)[..., None] * p["table"][0]), COMPOSITE)(params, tokens)
     with pytest.raises(TypeError, match="several"):  # a token id made of two positions' ids
         jaxlrp.lrp_fn(lambda p, t: _head(p, p["table"][t + 4 * t[:, ::-1]]), COMPOSITE)(params, tokens)
+
+
+def test_a_lookup_with_a_constant_index_component():
+    table = jnp.asarray(RNG.normal(size=(2, 9, 3)))  # (layers, vocab, dim): table[1, ids]
+    tokens = jnp.asarray(RNG.integers(0, 9, (2, 4)))
+    params = {**_params(12), "table": table}
+    relevance = jaxlrp.lrp_fn(lambda p, t: _head(p, p["table"][1, t]), COMPOSITE)(params, tokens, target=jnp.array([0, 1]))
+    np.testing.assert_allclose(relevance, _staged(params, table[1, tokens], jnp.array([0, 1])).sum(-1), rtol=1e-9)
+
+
+def test_a_lookup_inside_a_scan_is_an_error_that_says_what_to_do():
+    table = jnp.asarray(RNG.normal(size=(9, 3)))
+    tokens = jnp.asarray(RNG.integers(0, 9, (2, 4)))
+    params = {**_params(3), "table": table}
+
+    def rnn(p, tokens):
+        def step(h, ids):
+            return jnp.tanh(h + p["table"][ids]), None
+
+        return _head(p, jax.lax.scan(step, jnp.zeros((2, 3)), tokens.T)[0])
+
+    with pytest.raises(jaxlrp.UnsupportedOperation, match="inside a `scan` body.*before the loop"):
+        jaxlrp.lrp_fn(rnn, COMPOSITE)(params, tokens)

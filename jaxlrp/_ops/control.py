@@ -11,6 +11,7 @@ from jax import lax
 from jaxlrp import _internals
 from jaxlrp._execute import Run, read, run as run_plan
 from jaxlrp._ops.base import Step, classifier
+from jaxlrp._ops.embeddings import check_no_lookup_inside
 from jaxlrp._program import Node
 
 if TYPE_CHECKING:
@@ -39,5 +40,6 @@ class ScanStep(Step):
 
 @classifier("scan", order=0)
 def _scan(planner, node: Node, relevant) -> bool:
+    check_no_lookup_inside(planner, node)
     planner.steps[node] = ScanStep(node, planner.body_plan(node))
     return True

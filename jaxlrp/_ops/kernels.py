@@ -56,17 +56,18 @@ def with_reference(kernel: Callable, reference: Callable) -> Callable:
     @functools.wraps(kernel)
     def call(*args):
         leaves, tree = jax.tree.flatten(args)
-        kernel_fn, kernel_out, kernel_hoisted = _flat(kernel, tree, leaves)
-        reference_fn, reference_out, reference_hoisted = _flat(reference, tree, leaves)
+        kernel_fn, kernel_out, kernel_lifted = _flat(kernel, tree, leaves)
+        reference_fn, reference_out, reference_lifted = _flat(reference, tree, leaves)
         if kernel_out != reference_out:
             raise TypeError(
                 f"jaxlrp.extend.with_reference: the kernel {_name(kernel)} returns {kernel_out[1]} and the "
                 f"reference {_name(reference)} returns {reference_out[1]}; they must return the same "
                 f"structure, shapes and dtypes."
             )
-        # Values the functions close over that are traced (an outer jit's arrays) become inputs.
-        inputs = [*leaves, *kernel_hoisted, *reference_hoisted]
-        n, k = len(leaves), len(kernel_hoisted)
+        # Values the functions close over that are traced (an outer jit's or vmap's arrays,
+        # integer ones included) become inputs.
+        inputs = [*leaves, *kernel_lifted, *reference_lifted]
+        n, k = len(leaves), len(kernel_lifted)
         kernel_jaxpr = jax.make_jaxpr(lambda *xs: kernel_fn(*xs[:n], *xs[n : n + k]))(*inputs)
         reference_jaxpr = jax.make_jaxpr(lambda *xs: reference_fn(*xs[:n], *xs[n + k :]))(*inputs)
         outs = REFERENCE.bind(*inputs, kernel=kernel_jaxpr, reference=reference_jaxpr)
@@ -80,17 +81,27 @@ def _name(fn) -> str:
 
 
 def _flat(fn: Callable, tree, leaves):
-    """`(g, (output tree, output types), hoisted)`: `g(*leaves, *hoisted)` is `fn`'s flat
-    outputs, `hoisted` the traced values `fn` closes over."""
+    """`(g, (output tree, output types), lifted)`: `g(*leaves, *lifted)` is `fn`'s flat
+    outputs, `lifted` the traced values `fn` closes over (every tracer among its jaxpr's
+    constants)."""
     store = {}
 
     def flat(*xs):
         out, store["tree"] = jax.tree.flatten(fn(*tree.unflatten(xs)))
         return out
 
-    converted, hoisted = jax.closure_convert(flat, *leaves)
-    types = tuple((tuple(a.shape), str(a.dtype)) for a in jax.eval_shape(flat, *leaves))
-    return converted, (store["tree"], types), list(hoisted)
+    closed = jax.make_jaxpr(flat)(*leaves)
+    consts = list(closed.consts)
+    traced = [i for i, c in enumerate(consts) if isinstance(c, jax.core.Tracer)]
+
+    def with_lifted(*xs):
+        merged = list(consts)
+        for i, value in zip(traced, xs[len(leaves):]):
+            merged[i] = value
+        return core.jaxpr_as_fun(core.ClosedJaxpr(closed.jaxpr, merged))(*xs[: len(leaves)])
+
+    types = tuple((tuple(a.shape), str(a.dtype)) for a in closed.out_avals)
+    return with_lifted, (store["tree"], types), [consts[i] for i in traced]
 
 
 def _impl(*args, kernel, reference):
@@ -113,8 +124,8 @@ def _batch(args, dims, *, kernel, reference):
     """Both functions vmapped over the batched inputs, the batch axis first."""
     axes = [None if d is None else 0 for d in dims]
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-    shapes = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in args]
-    batched = [jax.make_jaxpr(jax.vmap(core.jaxpr_as_fun(j), in_axes=axes))(*shapes) for j in (kernel, reference)]
+    # traced on the arguments themselves, which keeps the manual axes they vary along
+    batched = [jax.make_jaxpr(jax.vmap(core.jaxpr_as_fun(j), in_axes=axes))(*args) for j in (kernel, reference)]
     outs = REFERENCE.bind(*args, kernel=batched[0], reference=batched[1])
     return outs, [0] * len(outs)
 

@@ -92,7 +92,10 @@ def build(planner, nodes: list[Node], relevant, weight, kind: str, affine: bool 
     """Makes the step of the linear layer `nodes` with the chain it absorbs (`affine`: `nodes`
     compute an affine map, see `LinearStep`)."""
     first, last = nodes[0], nodes[-1]
-    chain = _absorb(planner, last.outputs[0], AFFINE if kind in WEIGHTED_KINDS or kind in ("norm", AFFINE_KIND) else SCALING)
+    if not planner.carries(last.outputs[0]):  # a claimed group whose relevance reaches no output
+        return  # (it feeds a stop_gradient alone): computed as it is
+    chain = _absorb(planner, last.outputs[0], AFFINE if kind in WEIGHTED_KINDS or kind in ("norm", AFFINE_KIND) else SCALING,
+                    past_statistics=kind == "norm")
     *inner, end = members = [*nodes, *chain]
     planner.absorbed.update(members[1:])
     # Computed inside the step. When the linear part computes a value read elsewhere too (a
@@ -118,11 +121,13 @@ def build(planner, nodes: list[Node], relevant, weight, kind: str, affine: bool 
     planner.steps[end] = LinearStep(nodes, chain, tuple(relevant), weight, info, nonnegative, affine)
 
 
-def _absorb(planner, value: Value, ops: frozenset) -> list[Node]:
+def _absorb(planner, value: Value, ops: frozenset, past_statistics: bool = False) -> list[Node]:
     """The single-use chain of `ops` (and reshapes and dtype conversions between them) after a
-    linear map, up to its last op that computes something."""
+    linear map, up to its last op that computes something. With `past_statistics` (a norm's
+    centering) a use that relevance does not flow through (the variance's) does not count."""
     chain: list[Node] = []
-    while len(users := planner.flow.users(value)) == 1 and users[0] is not None:
+    uses = _relevant_users if past_statistics else (lambda planner, value: list(planner.flow.users(value)))
+    while len(users := uses(planner, value)) == 1 and users[0] is not None:
         user = users[0]
         if user.name in RESHAPING and len(user.inputs) == 1:
             if not is_float(user.outputs[0]):
@@ -134,6 +139,15 @@ def _absorb(planner, value: Value, ops: frozenset) -> list[Node]:
     while chain and chain[-1].name in RESHAPING:
         chain.pop()
     return chain
+
+
+def _relevant_users(planner, value: Value) -> list:
+    """The uses of `value` that relevance flows through: not one whose float outputs carry
+    none (a variance of a centered value, whose 1/σ is held; what feeds a stop_gradient)."""
+    def relevant(user) -> bool:
+        return user is None or any(planner.carries(v) or not is_float(v) for v in user.outputs)
+
+    return [user for user in planner.flow.users(value) if relevant(user)]
 
 
 def _absorbable(planner, user: Node, value: Value, ops: frozenset) -> bool:

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlrp import _internals
+from jaxlrp._analysis import STRUCTURAL
 from jaxlrp._execute import Run, cast, evaluate, read, relevance_call, wide_dtype
 from jaxlrp._layer import Layer
 from jaxlrp._ops.base import Step
 from jaxlrp._program import Node, Value
 from jaxlrp._table import AFFINE_KIND, LayerInfo
 
-STRUCTURAL = frozenset("reshape broadcast_in_dim squeeze expand_dims transpose".split())
 # Ops that keep every value (up to rounding): a layer's chain absorbs them as if absent.
 VALUE_PRESERVING = frozenset("convert_element_type copy".split())
 RESHAPING = STRUCTURAL | VALUE_PRESERVING
@@ -104,7 +104,8 @@ def _run(step: LinearStep, rule, env: dict) -> jax.Array:
 
         def linear(inputs, w):
             if step.info.kind == AFFINE_KIND:  # x ↦ a·x + b: its linear part is the identity
-                return _structural(step.chain, inputs[0])
+                shape = step.first.outputs[0].shape  # the shift may broadcast x (`x + b[None]`)
+                return _structural(step.chain, jnp.broadcast_to(inputs[0], shape))
             y = linear_map(local, inputs, w, dtype)
             return _structural(step.chain, y if offset is None else y - offset)
 

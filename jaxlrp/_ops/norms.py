@@ -40,10 +40,14 @@ def _hold_statistics(planner) -> None:
 
 @classifier("mul", "div", order=HELD)
 def _times_held(planner, node: Node, relevant) -> bool:
-    """Times or over a held normalizer (RMSNorm's 1/σ): an elementwise linear map."""
-    if not any((node, i) in planner.held for i in range(len(node.inputs))):
+    """Times or over a held factor: an elementwise linear map, kind "norm" for a held
+    normalizer (RMSNorm's 1/σ), "sum" for another held factor (CP-LRP's attention, a selection
+    parameter). A quotient is linear in its dividend only."""
+    held = [i for i in range(len(node.inputs)) if (node, i) in planner.held]
+    if not held or (node.name == "div" and held != [1]):
         return False
-    linear.build(planner, [node], relevant, None, "norm")
+    kind = "norm" if all(node.inputs[i] in planner.flow.statistics for i in held) else "sum"
+    linear.build(planner, [node], relevant, None, kind)
     return True
 
 
@@ -65,9 +69,7 @@ def _centering_nodes(planner, node: Node) -> list[Node] | None:
     x, mean = node.inputs
     total, walked = planner.through(mean, RESHAPING | linear.SCALING)
     reduce = planner.producer_of(total, frozenset({"reduce_sum"}))
-    if reduce is None or any(
-        n.name in linear.SCALING and any(planner.carries(a) for a in n.inputs if a is not n.inputs[0]) for n in walked
-    ):
+    if reduce is None or any(n.name in linear.SCALING and sum(planner.carries(a) for a in n.inputs) > 1 for n in walked):
         return None
     # Both read the same value, perhaps each through its own dtype conversion (bfloat16), the
     # mean perhaps over a regrouping of it (GroupNorm reshapes into groups).
@@ -137,16 +139,24 @@ class _Walk:
         self.nodes: set[Node] = set()
         self.held: set[tuple[Node, int]] = set()
         self.sums = False
+        self.verdicts: dict[Value, str | None] = {}
 
     def verdict(self, value, start: bool = False) -> str | None:
         """`_HELD`, "affine", or None (not affine: a product of activations); the `start` value
         is walked through whatever reads it."""
-        planner = self.planner
-        if not planner.carries(value):
+        if not self.planner.carries(value):
             return _HELD
+        if value in self.verdicts:  # a value read twice in the region (a diamond) is walked once
+            return self.verdicts[value]
+        self.verdicts[value] = verdict = self._verdict(value, start)
+        return verdict
+
+    def _verdict(self, value, start: bool) -> str | None:
+        planner = self.planner
         node = planner.flow.producer.get(value)
         shared = not start and len(planner.flow.users(value)) > 1 and value not in planner.flow.statistics
-        if node is None or shared or node.name not in _AFFINE_OPS or node in planner.absorbed:
+        claimed = node in planner.absorbed or node in planner.groups
+        if node is None or shared or node.name not in _AFFINE_OPS or claimed:
             if value in planner.flow.statistics:
                 return _HELD
             self.roots.add(value)

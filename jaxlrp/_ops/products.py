@@ -1,8 +1,10 @@
 """Products of two activations: a gate times a signal (LSTM, GRU, squeeze-and-excitation,
 Mamba), a gated MLP's branches. A row of kind "product" whose rule splits the relevance
 between the operands: `rules.Uniform()` (½ each, AttnLRP's) by default, `rules.SignalTakeAll()`
-to give it all to the signal (Arras et al. 2017). The row names the operands that come out of
-a gate function (`sigmoid(z)` or `1 − sigmoid(z)`)."""
+to give it all to the signal (Arras et al. 2017), `rules.HoldActivated()` to give it all to a
+gated MLP's linear branch (CP-LRP's held gate, `composites.HoldGatedMLP`). The row names the
+operands that come out of a gate function (`sigmoid(z)` or `1 − sigmoid(z)`: `gates`) and a
+gated MLP's activated branch (`activated`)."""
 
 from __future__ import annotations
 

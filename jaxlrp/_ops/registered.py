@@ -39,17 +39,20 @@ class LinearizedStep(Step):
             return node.bind(*placed(others["args"], relevant, xs))[0]
 
         def backward(xs, others, output, relevance):
+            # Linearised in the model's own dtypes (the primitive's params may fix them), the
+            # rule working in float32 or wider.
             dtype = wide_dtype(*xs)
-            xs, output, relevance, args = cast((xs, output, relevance, others["args"]), dtype)
 
             def at(*inputs):
-                return node.bind(*placed(args, relevant, inputs), dtype=dtype)[0]
+                return node.bind(*placed(others["args"], relevant, inputs))[0]
 
             def linear(inputs, _):
-                return jax.jvp(at, xs, tuple(inputs))[1]
+                tangents = tuple(t.astype(x.dtype) for t, x in zip(inputs, xs))
+                return jax.jvp(at, xs, tangents)[1].astype(dtype)
 
-            layer = Layer(linear, None, output, shift=output - linear(xs, None), signs=(1,) * len(xs))
-            return others["rule"](layer, xs, relevance)
+            wide, output, relevance = cast((xs, output, relevance), dtype)
+            layer = Layer(linear, None, output, shift=output - linear(wide, None), signs=(1,) * len(xs))
+            return others["rule"](layer, wide, relevance)
 
         args = [None if i in relevant else read(env, a) for i, a in enumerate(node.inputs)]
         xs = tuple(read(env, node.inputs[i]) for i in relevant)
