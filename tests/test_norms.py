@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxlrp
-from jaxlrp import composites
+from jaxlrp import composites, rules
 
 pytestmark = pytest.mark.float64
 
@@ -61,3 +61,25 @@ def test_a_keras_layer_norm_without_shift_conserves():
     out, relevance = jaxlrp.output_and_lrp(with_keras, composites.LRP0())(params, x, target=jnp.array([0, 1, 2]))
     # LRP-0 throughout with no bias anywhere: what reaches the input is the output, to rounding
     np.testing.assert_allclose(relevance.sum(-1), out[jnp.arange(3), jnp.arange(3)], rtol=1e-9)
+
+
+@pytest.mark.parametrize("norm", [nn.InstanceNorm, lambda **kw: nn.GroupNorm(num_groups=3, **kw)], ids=["instance", "group"])
+def test_instance_norm_is_one_norm_step_and_conserves_without_shifts(norm):
+    class Net(nn.Module):
+        bias: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(6, (3, 3), use_bias=False)(x)
+            x = norm(use_bias=self.bias, epsilon=1e-6)(x)
+            return nn.Dense(2, use_bias=False)(nn.relu(x).mean((1, 2)))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
+    variables = Net().init(jax.random.PRNGKey(1), x)
+    kinds = [info.kind for info in jaxlrp.rule_table(Net(), composites.EpsilonPlus(), variables, x).layers]
+    assert kinds == ["conv", "norm", "sum", "dense"]
+    bare = Net(bias=False)
+    params = bare.init(jax.random.PRNGKey(1), x)
+    out, relevance = jaxlrp.output_and_lrp(bare, composites.LayerMap({("conv", "dense"): rules.Epsilon(1e-12)},
+                                                                      stabilizer=1e-12))(params, x, target=0)
+    np.testing.assert_allclose(relevance.sum((1, 2, 3)), out[:, 0], rtol=1e-8)
