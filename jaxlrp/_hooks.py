@@ -36,23 +36,17 @@ class Explanation(NamedTuple):
 def module_outputs(plan: Plan, describe) -> dict[str, Value]:
     """`{module path: output value}` for every module (and container) of the program's top
     level whose output carries relevance, in execution order."""
-    program = plan.program
+    program, flow = plan.program, plan.flow
     path_of = {node: describe(node.scope)[0] for node in program.nodes}
-    producer = {v: node for node in program.nodes for v in node.outputs}
-    readers: dict[Value, list] = {}
-    for node in program.nodes:
-        for a in node.inputs:
-            if isinstance(a, Value):
-                readers.setdefault(a, []).append(path_of[node])
-    returned = {a for a in program.outputs if isinstance(a, Value)}
-    carried = _carried(plan)
     outputs: dict[str, list[Value]] = {}
     for node in program.nodes:
         for path in _ancestors(path_of[node]):
             for v in node.outputs:
-                outside = v in returned or any(not _within(p, path) for p in readers.get(v, ()))
-                if outside and v in carried and v not in outputs.setdefault(path, []):
+                # read outside the module (or returned), and carrying relevance
+                outside = any(user is None or not _within(path_of[user], path) for user in flow.users(v))
+                if outside and flow.carries(v) and v not in outputs.setdefault(path, []):
                     outputs[path].append(v)
+    producer = flow.producer
     merged = _merged_into(plan)
     return {
         path: merged.get(values[-1], values[-1])
@@ -116,17 +110,6 @@ def _ancestors(path: str) -> list[str]:
 
 def _within(path: str, module: str) -> bool:
     return path == module or path.startswith(module + "/")
-
-
-def _carried(plan: Plan) -> set[Value]:
-    """The floating-point values that relevance flows through: everything computed from the
-    explained inputs (every leaf of a tuple or dict input), as the plan's steps and nodes see it."""
-    program = plan.program
-    reached = set(plan.explained or program.inputs[-1:])
-    for node in program.nodes:
-        if any(a in reached for a in node.inputs if isinstance(a, Value)):
-            reached.update(v for v in node.outputs if jnp.issubdtype(v.aval.dtype, jnp.floating))
-    return reached
 
 
 def _merged_into(plan: Plan) -> dict[Value, Value]:

@@ -45,6 +45,7 @@ class Plan:
     steps: dict[Node, base.Step]  # step by the node at whose position it runs
     skipped: set[Node]  # nodes computed inside a step
     explained: tuple[Value, ...] = ()  # the program inputs that are explained (every leaf of x)
+    flow: Flow | None = None  # the analysis the plan was made from, for recording and conditions
 
     def table_steps(self) -> list[base.Step]:
         """The steps that take rules, the rows of the rule table, in execution order, those of
@@ -111,7 +112,7 @@ class Planner:
         for finish in base.FINISHERS:
             finish(self)
         explained = tuple(v for v in self.program.inputs if v in self.flow.active)
-        return Plan(self.program, self.steps, self.skipped, explained)
+        return Plan(self.program, self.steps, self.skipped, explained, self.flow)
 
     def classify(self, node: Node) -> None:
         relevant = self.relevant(node)
