@@ -338,6 +338,10 @@ def MambaLRP(epsilon: float = 1e-6) -> LayerMap:
     input, held constant (`hold=("selection",)`, see `jaxlrp._ops.ssm`), so that relevance
     flows along the signal `u → Δ·B·u → h → y` and conserves; Epsilon(ε) for dense and conv
     layers (the projections, the depthwise convolution) and ε for every stabilizer. The output
-    gate `y ⊙ silu(z)`, whose operands both only modulate, splits evenly (`Uniform`)."""
+    gate `y ⊙ silu(z)`, whose operands both only modulate, splits evenly (`Uniform`).
+
+    The recurrence is recognised as a `lax.scan`, whose carry is the state. Written with
+    `lax.associative_scan` there is no carry to tell the state from C, and `h·C` stays a
+    "bilinear" row of the rule table (check it there); that form is not yet held."""
     return LayerMap({WEIGHTED: _rules.Epsilon(epsilon), "bilinear": _rules.Bilinear(epsilon),
                      "affine": _rules.Epsilon(epsilon)}, stabilizer=epsilon, hold=("selection",))
