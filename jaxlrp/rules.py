@@ -186,8 +186,24 @@ def _concrete(value) -> np.ndarray | None:
         return None
 
 
+# Hyperparameters that must be finite and >= 0: a negative ε or stabilizer moves z towards
+# zero instead of away from it (ε = −0.5 gave a map 6,600 × the logit), a negative γ turns the
+# favoured sign around.
+_NONNEGATIVE = ("epsilon", "stabilizer", "gamma")
+
+
 class Rule:
-    """Base class of the rules: `rule(layer, inputs, relevance) -> input relevance`."""
+    """Base class of the rules: `rule(layer, inputs, relevance) -> input relevance`.
+
+    Built with concrete hyperparameters, a rule checks them: ε, the stabilizer and γ finite
+    and ≥ 0 (each rule may check more). Traced ones (under `jit`, `vmap` over a grid, `grad`)
+    cannot be checked when the rule is built; the math then takes them as they are."""
+
+    def __post_init__(self):
+        for name in (n for n in _NONNEGATIVE if hasattr(self, n)):
+            value = _concrete(getattr(self, name))
+            if value is not None and not (np.all(np.isfinite(value)) and np.all(value >= 0)):
+                raise ValueError(f"{type(self).__name__} needs {name} >= 0 (and finite), got {name}={getattr(self, name)!r}.")
 
     def __call__(self, layer: Layer, inputs: Inputs, relevance: jax.Array) -> Inputs:
         raise NotImplementedError
@@ -243,6 +259,7 @@ class AlphaBeta(Rule):
     stabilizer: float = 1e-6
 
     def __post_init__(self):
+        super().__post_init__()
         alpha, beta = _concrete(self.alpha), _concrete(self.beta)
         if alpha is None or beta is None:
             return
@@ -315,6 +332,15 @@ class ZBox(Rule):
     low: jax.Array | float
     high: jax.Array | float
     stabilizer: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        low, high = _concrete(self.low), _concrete(self.high)
+        if low is None or high is None:
+            return
+        finite = np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+        if not finite or np.any(low > high):
+            raise ValueError(f"ZBox needs finite bounds with low <= high everywhere, got low={self.low!r}, high={self.high!r}.")
 
     def __call__(self, layer, inputs, relevance):
         inputs = _after(relevance, inputs)
