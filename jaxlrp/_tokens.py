@@ -63,7 +63,7 @@ def token_reads(plan, leaves: list, floats: list[int]) -> list[TokenRead]:
     return reads
 
 
-def token_relevance(reads: list[TokenRead], at_taps: list, leaves: list, floats: list[int]) -> dict[int, jax.Array]:
+def token_relevance(reads: list[TokenRead], at_taps: list, leaves: list) -> dict[int, jax.Array]:
     """The relevance of each integer input, shaped like it, from the relevance at the taps."""
     out: dict[int, jax.Array] = {}
     for read in reads:

@@ -328,7 +328,7 @@ def _output_and_relevance(
     per_leaf = [None] * len(leaves)
     for i, r in zip(floats, at_floats):
         per_leaf[i] = r
-    for i, r in _tokens.token_relevance(reads, at_taps, leaves, floats).items():
+    for i, r in _tokens.token_relevance(reads, at_taps, leaves).items():
         per_leaf[i] = r  # token ids: the relevance at their embeddings, summed over features
     relevance = treedef.unflatten(per_leaf)
     if not record:
