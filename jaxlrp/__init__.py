@@ -13,20 +13,27 @@ concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for p
 """
 
 from jaxlrp import attribution, composites, concepts, evaluate, extend, rules, viz
-from jaxlrp._dataset import explain_dataset
+from jaxlrp._dataset import CorruptChunkWarning, InvalidRowsWarning, explain_dataset
 from jaxlrp._hooks import Explanation
 from jaxlrp._layer import Layer
+from jaxlrp._lease import LeaseHeld
 from jaxlrp._plan import UnsupportedOperation
+from jaxlrp._store import RowStatus, StoreReport, verify_dataset
 from jaxlrp._table import LayerInfo, RuleTable
 from jaxlrp._transform import UnmergedAffineWarning, lrp, lrp_fn, output_and_lrp, rule_table
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptChunkWarning",
     "Explanation",
+    "InvalidRowsWarning",
     "Layer",
     "LayerInfo",
+    "LeaseHeld",
+    "RowStatus",
     "RuleTable",
+    "StoreReport",
     "UnmergedAffineWarning",
     "UnsupportedOperation",
     "attribution",
@@ -40,5 +47,6 @@ __all__ = [
     "output_and_lrp",
     "rule_table",
     "rules",
+    "verify_dataset",
     "viz",
 ]

@@ -226,6 +226,7 @@ def call_form(binding: Binding, method: Callable) -> Callable:
             _checks.check_classes(target, out.shape[-1])
         return out, result
 
+    explain.jaxlrp_description = getattr(method, "jaxlrp_description", None)
     return explain
 
 
@@ -236,6 +237,7 @@ def result_only(with_output: Callable) -> Callable:
     def explain(*args, **kwargs):
         return with_output(*args, **kwargs)[1]
 
+    explain.with_output = with_output  # explain_dataset checks targets against the output's classes
     return explain
 
 

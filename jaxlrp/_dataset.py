@@ -1,12 +1,13 @@
 """`explain_dataset`: relevance maps of a whole data set, batch by batch, sharded over devices
-and hosts, written to a zarr array, resumable.
+and hosts, written to a zarr v3 store that records what produced it, resumable.
 
-Layout of the output: a zarr (v2) array with the shape of `x`, written through tensorstore, in
-chunks of `batch_size / mesh.shape["data"]` rows, one chunk per device shard of a batch, so that
-no two devices (or hosts) ever write the same chunk. tensorstore writes each chunk file whole
-(a temporary file, then a rename), so a chunk that exists is complete: the chunks present are
-the record of what is done, and a run started again computes only the batches with a chunk
-missing and writes only the missing chunks.
+The store (see `_store`) holds one array per result of `explain`, in chunks of `batch_size /
+mesh.shape["data"]` rows, one chunk per device shard of a batch, so that no two devices (or
+hosts) ever write the same chunk; a per-row `status`; per chunk, digests of the input rows and
+targets it was computed from; and, in its attributes, the digests of the program, its constants
+and the weights. A run on an existing store first compares all of these with its own and refuses
+to mix two runs; it then trusts a chunk only if it decodes (each chunk is CRC-32C checksummed)
+and its data digests match, and computes the rest. One run writes at a time (`_lease`).
 
 Under `jax.distributed.initialize` the same code runs on every host (JAX's multi-controller
 model): each process reads the rows of its own devices' shards, the jitted `explain` runs as
@@ -16,7 +17,6 @@ one SPMD program over the global mesh, and each process writes its own shards' c
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 
@@ -26,11 +26,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from jaxlrp import _digest, _store, _warn
 from jaxlrp._hooks import Explanation
+from jaxlrp._lease import KEY as LEASE_KEY, Lease, LeaseHeld
+from jaxlrp._store import RowStatus
 
-__all__ = ["explain_dataset", "relevance_maximization"]
+__all__ = ["InvalidRowsWarning", "explain_dataset", "relevance_maximization"]
 
 DATA_AXIS = "data"
+WHO = "jaxlrp.explain_dataset"
+_PER_SAMPLE = ("output", "activations/")  # results without the many-targets axis
+
+
+class InvalidRowsWarning(UserWarning):
+    """Some rows of a data set could not be explained (NaN input, a target out of range, a
+    non-finite result); the store's `status` array says which, and their maps are NaN."""
 
 
 def explain_dataset(
@@ -39,37 +49,49 @@ def explain_dataset(
     x,
     *,
     targets=None,
-    out: str | os.PathLike,
+    out,
     batch_size: int,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     dtype=np.float32,
+    overwrite: bool = False,
 ):
-    """Explains every sample of `x` and writes the relevance to a zarr array at `out`.
+    """Explains every sample of `x` and writes what `explain` returns to a zarr v3 store at `out`.
 
     Args:
       explain: `explain(variables, x, target=...)` as returned by `jaxlrp.lrp` (Linen, NNX
         GraphDef, plain function) or a `jaxlrp.attribution` baseline; with `variables=None`,
         `explain(x, target=...)` (a stateful NNX module). What it explains of the model's
-        output is its own `output=` (`jaxlrp.lrp(model, composite, output=lambda out:
-        out["logits"])`); the targets refer to that selection.
+        output is its own `output=`; the targets refer to that selection. Built with
+        `output_and_lrp` or `record=`, each of its results is written as its own array
+        (`output`, `relevance`, `layers/<path>`, `activations/<path>`).
       variables: the model's variables (replicated over the mesh unless already sharded).
       x: an array-like with `shape` and row slicing (`x[a:b]`): a NumPy array, a memmap, a zarr
         or tensorstore array. Batches are read as they are needed, the next while the current
         one computes.
       targets: keyword-only; `None` (each sample's arg-max), or an array-like of `len(x)` rows:
-        a class per sample or the initial relevance per sample (see `jaxlrp.lrp`).
-      out: the directory of the zarr array. If it holds one (a run that was stopped), the run
-        goes on where it stopped: batches whose chunks are all present are skipped.
+        a class per sample, `K` classes per sample (`(N, K)`: maps of shape `(N, K, ...)`), or
+        the initial relevance per sample (see `jaxlrp.lrp`).
+      out: where the store is: a directory (`"r.zarr"`, `"~/r.zarr"`, a `pathlib.Path`), a
+        tensorstore URL (`"file:///data/r.zarr"`, `"gs://bucket/r.zarr"`, `"memory://r"`) or
+        kvstore spec (a dict). If it holds a store from a run with the same weights, program,
+        targets and data (a run that was stopped), the run goes on where it stopped: chunks
+        that decode and whose input digests match are kept, the rest computed. A store from
+        another run is refused, with what differs, before any work.
       batch_size: samples per step, a multiple of the mesh's `"data"` axis size. The last batch
         may be short (it is padded to `batch_size`, the padding never written).
       mesh: each batch is sharded over its `"data"` axis (`NamedSharding(mesh, P("data"))`);
         `None`: one device, or all devices of all processes when several processes run.
       progress: show a progress bar with the throughput (on the first process).
-      dtype: the output's dtype.
+      dtype: the floating dtype of the written arrays.
+      overwrite: discard what `out` holds (any store, any files) and start over.
 
     Returns:
-      The written array (a `tensorstore.TensorStore`; `np.asarray` reads it).
+      The written relevance (a `tensorstore.TensorStore`; `np.asarray` reads it); for an
+      `explain` that returns more (`output_and_lrp`, `record=`), the same structure with a
+      `TensorStore` for each array. The store's `status` array (`jaxlrp.RowStatus` per row) says
+      which rows are explained; rows that could not be (NaN input, a target out of range, a
+      non-finite result) are NaN in every array, counted in an `InvalidRowsWarning`.
 
     Example::
 
@@ -77,39 +99,375 @@ def explain_dataset(
         relevance = jaxlrp.explain_dataset(explain, variables, images, targets=labels,
                                            out="relevance.zarr", batch_size=256)
     """
-    if targets is not None and not hasattr(targets, "shape"):
-        targets = np.asarray(targets)
-    n, sample_shape = int(x.shape[0]), tuple(int(d) for d in x.shape[1:])
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"jaxlrp.explain_dataset: batch_size must be a positive int, got {batch_size!r}.")
+    import tensorstore as ts
+
+    dtype = _float_dtype(dtype)
+    targets = _as_targets(targets)
+    n = int(x.shape[0])
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"{WHO}: batch_size must be a positive int, got {batch_size!r}.")
+    if n == 0:
+        raise ValueError(f"{WHO}: x has no samples.")
     if targets is not None and int(targets.shape[0]) != n:
         raise ValueError(
-            f"jaxlrp.explain_dataset: targets has {targets.shape[0]} rows, but x has {n} samples; "
+            f"{WHO}: targets has {targets.shape[0]} rows, but x has {n} samples; "
             "pass one target per sample, or None for each sample's arg-max."
         )
     sharding, shards = _batch_sharding(mesh, batch_size)
     chunk_rows = batch_size // shards
-    store = _open_output(out, (n, *sample_shape), np.dtype(dtype), chunk_rows)
-    done = _chunks_present(out, store.rank)
-    starts = _pending(range(0, n, batch_size), done, chunk_rows, shards, n)
+    context = ts.Context()
+    kvstore, where = _store.location(out, context)
 
-    if variables is None:
-        compute = jax.jit(lambda x, t: explain(x, target=t), out_shardings=sharding)
-    else:
-        compute = jax.jit(lambda v, x, t: explain(v, x, target=t), out_shardings=sharding)
     args = () if variables is None else (_replicated(variables, sharding),)
+    compiled, shapes, structure, program = _compile(explain, args, x, targets, batch_size, sharding)
+    layout = {
+        "rows": n,
+        "chunk_rows": chunk_rows,
+        "arrays": {name: [[n, *shape[1:]], dtype.name] for name, shape in shapes.items()},
+        "targets": "none" if targets is None else f"{np.dtype(targets.dtype).kind}{list(targets.shape[1:])}",
+    }
+    provenance = {
+        "explain": _description(explain),
+        **dict(zip(("program", "constants"), program)),
+        "weights": _digest.of_tree(variables),
+        "jaxlrp": _version("jaxlrp"),
+        "jax": jax.__version__,
+    }
 
-    batches = _run_batches(compute, args, x, targets, starts, batch_size, n, sharding, progress, "explaining")
-    writes: list = []
-    for start, relevance in batches:
-        for future in writes:  # at most one batch of writes in flight
-            future.result()
-        writes = _write(store, relevance, start, n, done, chunk_rows)
-    for future in writes:
-        future.result()
+    lease = Lease(kvstore, where)
+    _agree(lambda: lease.acquire(), "lease")
+    try:
+        store = _prepared(kvstore, where, context, layout, provenance, overwrite)
+        done = _trusted(store, x, targets, sharding, batch_size)
+        starts = _pending(range(0, n, batch_size), done, chunk_rows, shards, n)
+        batches = _run_batches(compiled, args, x, targets, starts, batch_size, n, sharding, progress, "explaining",
+                               digest=True)
+        writer = _Writer(store, done, lease if jax.process_index() == 0 else None)
+        for start, (named, status), digests in batches:
+            writer.submit(start, named, status, digests)
+        writer.finish()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxlrp.explain_dataset: written")
+    finally:
+        lease.release()
+    if jax.process_index() == 0:
+        _warn_invalid(store, where)
+    return _rebuilt(structure, store.arrays)
+
+
+def _agree(step: Callable, label: str) -> None:
+    """Runs `step` on process 0 and raises its error on every process."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            step()
+        except LeaseHeld as e:
+            error = e
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: written")
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            error = LeaseHeld(f"{WHO}: process 0 could not take the store's lease ({label}); see its error.")
+    if error is not None:
+        raise error
+
+
+def _float_dtype(dtype) -> np.dtype:
+    try:
+        found = np.dtype(dtype)
+    except TypeError:
+        found = None
+    if found is None or not np.issubdtype(found, np.floating):
+        raise TypeError(f"{WHO}: dtype is the floating dtype of the written maps (np.float32, np.float64, "
+                        f"jnp.bfloat16); got {dtype!r}.")
+    return found
+
+
+def _as_targets(targets):
+    if targets is None or hasattr(targets, "shape"):
+        return targets
+    return np.asarray(targets)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _description(explain) -> str:
+    described = getattr(explain, "jaxlrp_description", None)
+    if described is not None:
+        return described
+    return f"{getattr(explain, '__module__', '?')}.{getattr(explain, '__qualname__', type(explain).__name__)}"
+
+
+def _compile(explain, args, x, targets, batch_size: int, sharding):
+    """`(compiled, {name: shape of a batch}, structure of the result, (program, constants) digests)`:
+    `explain` on one batch, with each row's `RowStatus`, traced and compiled once."""
+    with_output = getattr(explain, "with_output", None)
+    spec = _batch_spec(x, batch_size, sharding)
+    target_spec = None if targets is None else _batch_spec(targets, batch_size, sharding)
+    structure = {}
+
+    def body(*arguments):
+        *params, batch, target = arguments
+        if with_output is not None:
+            output, result = with_output(*params, batch, target=target)
+        else:
+            output, result = None, explain(*params, batch, target=target)
+        named = _named(result)
+        structure["result"] = jax.tree.structure(result, is_leaf=lambda leaf: leaf is None)
+        structure["kind"] = _kind(result)
+        named = _rows_first(named, batch.shape[0])
+        if output is None and "output" in named:
+            output = named["output"]
+        status = _row_status(batch, target, output, named)
+        valid = status == RowStatus.EXPLAINED
+        named = {k: jnp.where(valid.reshape(-1, *[1] * (v.ndim - 1)), v, jnp.nan) for k, v in named.items()}
+        return named, status
+
+    traced = jax.jit(body, out_shardings=sharding).trace(*args, spec, target_spec)
+    shapes = {name: tuple(info.shape) for name, info in traced.out_info[0].items()}
+    return traced.lower().compile(), shapes, structure, _digest.of_program(traced.jaxpr)
+
+
+def _batch_spec(source, batch_size: int, sharding) -> jax.ShapeDtypeStruct:
+    dtype = jax.dtypes.canonicalize_dtype(np.asarray(source[0:1]).dtype)
+    return jax.ShapeDtypeStruct((batch_size, *source.shape[1:]), dtype, sharding=sharding)
+
+
+def _kind(result) -> str:
+    if isinstance(result, Explanation):
+        return "explanation"
+    if isinstance(result, tuple):
+        return "output_and"
+    return "dict" if isinstance(result, dict) else "array"
+
+
+def _named(result) -> dict:
+    """`{array name: array}` of what `explain` returned."""
+    if isinstance(result, tuple) and not isinstance(result, Explanation) and len(result) == 2:
+        inner = _named(result[1])
+        return {"output": result[0], **inner}
+    if isinstance(result, Explanation):
+        return {"relevance": result.input, **{f"layers/{p}": v for p, v in result.layers.items()},
+                **{f"activations/{p}": v for p, v in result.activations.items()}}
+    if isinstance(result, dict) and all(isinstance(k, str) and k not in ("status", "jaxlrp") for k in result):
+        return dict(result)
+    if isinstance(result, jax.Array):
+        return {"relevance": result}
+    raise TypeError(
+        f"{WHO}: explain returned {type(result).__name__}; it must return an array (jaxlrp.lrp), "
+        "(output, relevance) (jaxlrp.output_and_lrp), an Explanation (record=) or a dict of arrays by name."
+    )
+
+
+def _rows_first(named: dict, rows: int) -> dict:
+    """The many-targets axis `K` (leading, as `jaxlrp.lrp` returns it) moved behind the rows."""
+    moved = {}
+    for name, value in named.items():
+        if not isinstance(value, jax.Array) or value.ndim == 0:
+            raise TypeError(f"{WHO}: explain's result '{name}' is not an array with a row per sample.")
+        many = value.ndim >= 2 and value.shape[0] != rows and value.shape[1] == rows
+        if many and not name.startswith(_PER_SAMPLE):
+            value = jnp.moveaxis(value, 0, 1)
+        if value.shape[0] != rows:
+            raise ValueError(f"{WHO}: explain's result '{name}' has shape {value.shape}, not a row per sample "
+                             f"of the batch ({rows}).")
+        moved[name] = value
+    return moved
+
+
+def _row_status(batch, target, output, named: dict) -> jax.Array:
+    """Each row's `RowStatus`: its input finite, its target a class of the output (`output` known)
+    or non-negative, every result finite."""
+    rows = batch.shape[0]
+
+    def finite(a):
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.ones(rows, bool)
+        return jnp.all(jnp.isfinite(a.reshape(rows, -1)), axis=1)
+
+    target_ok = jnp.ones(rows, bool)
+    if target is not None and jnp.issubdtype(target.dtype, jnp.integer):
+        flat = target.reshape(rows, -1)
+        target_ok = jnp.all(flat >= 0, axis=1)
+        if output is not None:
+            target_ok &= jnp.all(flat < output.shape[-1], axis=1)
+    elif target is not None:
+        target_ok = finite(target)
+    result_ok = jnp.ones(rows, bool)
+    for value in named.values():
+        result_ok &= finite(value)
+    status = jnp.where(result_ok, RowStatus.EXPLAINED, RowStatus.RELEVANCE_NOT_FINITE)
+    status = jnp.where(target_ok, status, RowStatus.TARGET_OUT_OF_RANGE)
+    return jnp.where(finite(batch), status, RowStatus.INPUT_NOT_FINITE).astype(jnp.uint8)
+
+
+def _rebuilt(structure: dict, arrays: dict):
+    """The stores in the structure of `explain`'s result."""
+    kind = structure["kind"]
+    if kind == "array":
+        return arrays["relevance"]
+    if kind == "dict":
+        return dict(arrays)
+
+    def explanation():
+        layers = {k[len("layers/"):]: v for k, v in arrays.items() if k.startswith("layers/")}
+        activations = {k[len("activations/"):]: v for k, v in arrays.items() if k.startswith("activations/")}
+        return Explanation(arrays["relevance"], layers, activations)
+
+    if kind == "explanation":
+        return explanation()
+    inner = explanation() if any(k.startswith(("layers/", "activations/")) for k in arrays) else arrays["relevance"]
+    return arrays["output"], inner
+
+
+def _prepared(kvstore, where: str, context, layout: dict, provenance: dict, overwrite: bool):
+    """The store at `out`: created if `out` is empty (or `overwrite`), else opened if it was
+    written by a run with this layout and provenance, else an error saying what differs."""
+    import tensorstore as ts
+
+    if overwrite and jax.process_index() == 0:
+        lease = LEASE_KEY
+        kvstore.delete_range(ts.KvStore.KeyRange("", lease)).result()
+        kvstore.delete_range(ts.KvStore.KeyRange(lease + "\0", "")).result()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: cleared")
+    found = _store.read_attributes(kvstore, where, WHO)
+    if jax.process_count() > 1:  # every process has read the same state before process 0 creates
+        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: read")
+    if found is not None:
+        differ = _store.differences(found, layout, provenance)
+        if differ:
+            raise ValueError(
+                f"{WHO}: '{where}' holds a store written by another run: " + "; ".join(differ) + ". Resuming "
+                "would mix two runs. Choose another `out`, or pass overwrite=True to discard it and start over."
+            )
+        return _store.open_store(kvstore, where, context, found)
+    if jax.process_index() == 0:
+        store = _store.create(kvstore, where, context, layout, provenance)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: created")
+        if jax.process_index() != 0:
+            store = _store.open_store(kvstore, where, context, _store.read_attributes(kvstore, where, WHO))
     return store
+
+
+def _trusted(store, x, targets, sharding, batch_size: int) -> set[int]:
+    """The chunks a resume keeps: present, decoding, and computed from the same input rows and
+    targets (an error before any work if they were not). Each process checks the chunks its own
+    devices write; every process returns the same set."""
+    present = store.present()
+    if jax.process_count() > 1:
+        present = set(np.flatnonzero(np.asarray(multihost_utils.process_allgather(
+            np.isin(np.arange(store.chunks), sorted(present)))).all(axis=0)).tolist())
+    mine = sorted(c for c in present if c % (batch_size // store.chunk_rows) in _own_positions(sharding, batch_size,
+                                                                                             store.chunk_rows))
+    corrupt = store.corrupt(mine)
+    differ = [c for c in mine if c not in corrupt and chunk_digests(x, targets, store.chunk_slice(c)) != store.digests_of(c)]
+    flags = np.zeros((2, store.chunks), bool)
+    flags[0, list(corrupt)] = True
+    flags[1, differ] = True
+    if jax.process_count() > 1:
+        flags = np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+    if flags[1].any():
+        rows = [store.chunk_slice(int(c)) for c in np.flatnonzero(flags[1])]
+        shown = ", ".join(f"{r.start}:{r.stop}" for r in rows[:4]) + (" and more" if len(rows) > 4 else "")
+        raise ValueError(
+            f"{WHO}: '{store.where}' holds rows computed from other input data or targets than this run's (rows "
+            f"{shown}: their digests differ). Resuming would mix two runs. Choose another `out`, or pass "
+            "overwrite=True to discard it and start over."
+        )
+    if flags[0].any() and jax.process_index() == 0:
+        why = "; ".join(f"rows {store.chunk_slice(c).start}:{store.chunk_slice(c).stop}: {w}"
+                        for c, w in list(corrupt.items())[:3])
+        _warn.warn(f"{WHO}: {int(flags[0].sum())} chunk(s) of '{store.where}' do not decode (cut short or changed "
+                   f"on disk) and are computed again ({why}).", CorruptChunkWarning)
+    return present - set(np.flatnonzero(flags[0]).tolist())
+
+
+class CorruptChunkWarning(UserWarning):
+    """Chunks of a data-set store that did not decode were found on resume and computed again."""
+
+
+def _own_positions(sharding, batch_size: int, chunk_rows: int) -> set[int]:
+    """The row-chunk positions within a batch that this process's devices hold."""
+    if isinstance(sharding, SingleDeviceSharding):
+        return {0}
+    positions = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        positions.add((index[0].start or 0) // chunk_rows)
+    return positions
+
+
+def chunk_digests(x, targets, rows: slice) -> tuple[bytes, bytes]:
+    """The digests of the input rows and targets of one chunk, as a store records them."""
+    given = () if targets is None else (np.asarray(targets[rows]),)
+    return _digest.of_arrays(np.asarray(x[rows])), _digest.of_arrays(*given)
+
+
+class _Writer:
+    """Writes each batch's chunks, and a chunk's status only once its arrays and digests are
+    written: a status chunk that exists says the chunk is complete."""
+
+    def __init__(self, store, done: set[int], lease):
+        self.store, self.done, self.lease = store, done, lease
+        self.data: list = []  # futures of the previous batch's arrays and digests
+        self.statuses: list = []  # (rows, values) of its status, written once `data` is
+
+    def submit(self, start: int, named: dict, status: jax.Array, digests: dict) -> None:
+        self._settle()
+        if self.lease is not None:
+            self.lease.check()
+        store = self.store
+        for shard in status.addressable_shards:
+            rows = shard.index[0]
+            lo = start + (rows.start or 0)
+            hi = min(store.rows, start + (status.shape[0] if rows.stop is None else rows.stop))
+            c = lo // store.chunk_rows
+            if shard.replica_id != 0 or lo >= hi or c in self.done:
+                continue
+            self.statuses.append((lo, hi, np.asarray(shard.data)[: hi - lo]))
+            for d, digest in zip(store.digests, digests[lo]):
+                self.data.append(d[c : c + 1].write(np.frombuffer(digest, np.uint8)[None]))
+        for name, value in named.items():
+            target = store.arrays[name]
+            for shard in value.addressable_shards:
+                rows = shard.index[0]
+                lo = start + (rows.start or 0)
+                hi = min(store.rows, start + (value.shape[0] if rows.stop is None else rows.stop))
+                if shard.replica_id != 0 or lo >= hi or lo // store.chunk_rows in self.done:
+                    continue
+                data = np.asarray(shard.data)[: hi - lo].astype(target.dtype.numpy_dtype)
+                self.data.append(target[lo:hi].write(data))
+
+    def _settle(self) -> None:
+        for future in self.data:
+            future.result()
+        self.data = []
+        written = [self.store.status[lo:hi].write(values) for lo, hi, values in self.statuses]
+        for future in written:
+            future.result()
+        self.statuses = []
+
+    def finish(self) -> None:
+        self._settle()
+
+
+def _warn_invalid(store, where: str) -> None:
+    counts = store.status_counts()
+    invalid = {s: k for s, k in counts.items() if s not in (RowStatus.UNWRITTEN, RowStatus.EXPLAINED) and k}
+    if invalid:
+        said = ", ".join(f"{k} {s.name.lower().replace('_', ' ')}" for s, k in invalid.items())
+        _warn.warn(
+            f"{WHO}: {sum(invalid.values())} of {store.rows} rows could not be explained ({said}); their maps in "
+            f"'{where}' are NaN. Its 'status' array (jaxlrp.RowStatus per row) says which.",
+            InvalidRowsWarning,
+        )
 
 
 def relevance_maximization(
@@ -187,8 +545,8 @@ def relevance_maximization(
 
     best = chosen = None
     starts = list(range(0, n, batch_size))
-    for start, batch_scores in _run_batches(compute, args, data, targets, starts, batch_size, n, sharding, progress,
-                                            "maximizing"):
+    for start, batch_scores, _ in _run_batches(compute, args, data, targets, starts, batch_size, n, sharding, progress,
+                                               "maximizing"):
         if best is None:
             channels = batch_scores.shape[1]
             dtype = jnp.promote_types(batch_scores.dtype, jnp.float32)
@@ -197,24 +555,34 @@ def relevance_maximization(
     return chosen, best
 
 
-def _run_batches(compute, args, x, targets, starts, batch_size: int, n: int, sharding, progress: bool, label: str):
-    """Yields `(start, compute(*args, batch, target))` for each batch start, the result
+def _run_batches(compute, args, x, targets, starts, batch_size: int, n: int, sharding, progress: bool, label: str,
+                 digest: bool = False):
+    """Yields `(start, compute(*args, batch, target), digests)` for each batch start, the result
     dispatched (not waited for) and the next batch read while it computes, each process reading
-    only its own devices' rows; advances a progress bar over the samples (on the first process)."""
+    only its own devices' rows; with `digest`, `digests` is `{first row: chunk_digests}` of each
+    row shard read.
+    Advances a progress bar over the samples (on the first process)."""
 
     def load(start):
-        batch = _device_batch(x, start, batch_size, n, sharding)
-        target = None if targets is None else _device_batch(targets, start, batch_size, n, sharding)
-        return batch, target
+        rows, target_rows = {}, {}
+        batch = _device_batch(x, start, batch_size, n, sharding, rows)
+        target = None if targets is None else _device_batch(targets, start, batch_size, n, sharding, target_rows)
+        digests = {}
+        if digest:
+            for lo, values in rows.items():
+                given = () if targets is None else (target_rows[lo],)
+                digests[lo] = (_digest.of_arrays(values), _digest.of_arrays(*given))
+        return (batch, target), digests
 
     completed = n - sum(min(batch_size, n - s) for s in starts)
     with _progress_bar(progress and jax.process_index() == 0, n, completed, label) as advance:
         loaded = load(starts[0]) if starts else None
         for i, start in enumerate(starts):
-            result = compute(*args, *loaded)  # dispatched: runs while the next batch loads
+            (batch, target), digests = loaded
+            result = compute(*args, batch, target)  # dispatched: runs while the next batch loads
             if i + 1 < len(starts):
                 loaded = load(starts[i + 1])
-            yield start, result
+            yield start, result, digests
             advance(min(batch_size, n - start))
 
 
@@ -255,44 +623,6 @@ def _replicated(variables, sharding):
     return jax.tree.map(place, variables)
 
 
-def _spec(out) -> dict:
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.fspath(out)}}
-
-
-def _open_output(out, shape: tuple, dtype: np.dtype, chunk_rows: int):
-    """The zarr array at `out`: opened if it exists (and matches), else created (by process 0)."""
-    import tensorstore as ts
-
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, ".zarray")):
-        chunks = ts.ChunkLayout(chunk_shape=[chunk_rows, *shape[1:]])
-        spec = {**_spec(out), "store_data_equal_to_fill_value": True}
-        ts.open(spec, create=True, dtype=dtype, shape=shape, chunk_layout=chunks, fill_value=np.nan).result()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: created")
-    store = ts.open({**_spec(out), "store_data_equal_to_fill_value": True}, open=True).result()
-    found = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype), store.chunk_layout.read_chunk.shape[0])
-    if found != (shape, dtype, chunk_rows):
-        raise ValueError(
-            f"jaxlrp.explain_dataset: '{out}' holds an array of shape {found[0]}, dtype {found[1]} in chunks "
-            f"of {found[2]} rows, but this run writes shape {shape}, dtype {dtype} in chunks of {chunk_rows} "
-            f"rows (batch_size / devices). Choose another `out`, delete it, or resume with the settings it "
-            "was started with."
-        )
-    return store
-
-
-def _chunks_present(out, rank: int) -> set[int]:
-    """Row-chunk indices of the chunks written so far (listed once, before this run writes)."""
-    present = set()
-    for name in os.listdir(out):  # chunk keys are "i.0.0"; a write cut short leaves "i.0.0.__lock"
-        parts = name.split(".")
-        if len(parts) == rank and all(p.isdigit() for p in parts):
-            present.add(int(parts[0]))
-    if jax.process_count() > 1:  # every process decides on the same listing
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: listed")
-    return present
-
-
 def _pending(starts, done: set[int], chunk_rows: int, shards: int, n: int) -> list[int]:
     """The batch starts with a chunk missing; the same list on every process."""
     missing = np.array([
@@ -313,30 +643,20 @@ def _rows(source, start: int, stop: int, n: int) -> np.ndarray:
     return np.concatenate([*rows, np.repeat(last, stop - max(start, n), axis=0)])
 
 
-def _device_batch(source, start: int, batch_size: int, n: int, sharding) -> jax.Array:
-    """Rows `start : start + batch_size`, each process reading only its own devices' rows."""
+def _device_batch(source, start: int, batch_size: int, n: int, sharding, read: dict) -> jax.Array:
+    """Rows `start : start + batch_size`, each process reading only its own devices' rows; the
+    rows read are added to `read` as `{first row: rows below n}`."""
     shape = (batch_size, *source.shape[1:])
 
     def shard(index):
         rows = index[0]
         lo, hi = start + (rows.start or 0), start + (batch_size if rows.stop is None else rows.stop)
-        return _rows(source, lo, hi, n)[(slice(None), *index[1:])]
+        rows = _rows(source, lo, hi, n)
+        if lo < n:
+            read[lo] = rows[: min(hi, n) - lo]
+        return rows[(slice(None), *index[1:])]
 
     return jax.make_array_from_callback(shape, sharding, shard)
-
-
-def _write(store, relevance: jax.Array, start: int, n: int, done: set[int], chunk_rows: int) -> list:
-    """Starts writing this process's shards of a batch (one chunk each); returns the futures."""
-    futures = []
-    for shard in relevance.addressable_shards:
-        rows = shard.index[0]
-        lo = start + (rows.start or 0)
-        hi = min(n, start + (relevance.shape[0] if rows.stop is None else rows.stop))
-        if shard.replica_id != 0 or lo >= hi or lo // chunk_rows in done:
-            continue
-        data = np.asarray(shard.data)[: hi - lo].astype(store.dtype.numpy_dtype)
-        futures.append(store[lo:hi].write(data))
-    return futures
 
 
 @contextlib.contextmanager

@@ -132,6 +132,7 @@ def explained(binding: _bindings.Binding, composite: Composite, record: Sequence
     def method(others, x, *, target=None, conditions=None, **kwargs):
         return _output_and_relevance(binding, others, x, kwargs, composite, target, record, conditions)
 
+    method.jaxlrp_description = f"{type(binding).__name__} under {composite!r}" + (f", record={record}" if record else "")
     return method
 
 
