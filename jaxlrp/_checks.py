@@ -40,7 +40,7 @@ def check_classes(target, classes: int) -> None:
 def output_weights(out: jax.Array, target) -> jax.Array:
     """What `target` selects of `out`, as weights shaped like it: the one-hot of each sample's
     class (`None`: its arg-max; an int or int array of shape `out.shape[:-1]`), or a float target
-    of the output's shape itself."""
+    of the output's shape itself. A concrete class out of range is an error, a traced one NaN."""
     if target is None:
         return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=out.dtype)
     target = jnp.asarray(target)
@@ -60,4 +60,14 @@ def output_weights(out: jax.Array, target) -> jax.Array:
         )
     if is_concrete(target):
         check_classes(target, out.shape[-1])
-    return jnp.broadcast_to(jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype), out.shape)
+    return jnp.broadcast_to(one_hot(target, out.shape[-1], out.dtype), out.shape)
+
+
+def one_hot(target, classes: int, dtype) -> jax.Array:
+    """`jax.nn.one_hot`, but a traced class outside `[0, classes)` gives a row of NaN, never the
+    all-zero row (and all-zero relevance) that would look like a valid, irrelevant sample."""
+    weights = jax.nn.one_hot(target, classes, dtype=dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return weights
+    valid = (target >= 0) & (target < classes)
+    return jnp.where(valid[..., None], weights, jnp.nan)

@@ -124,7 +124,7 @@ def explain_dataset(
         "rows": n,
         "chunk_rows": chunk_rows,
         "arrays": {name: [[n, *shape[1:]], dtype.name] for name, shape in shapes.items()},
-        "targets": "none" if targets is None else f"{np.dtype(targets.dtype).kind}{list(targets.shape[1:])}",
+        "targets": _targets_kind(targets),
     }
     provenance = {
         "explain": _description(explain),
@@ -186,6 +186,14 @@ def _as_targets(targets):
     if targets is None or hasattr(targets, "shape"):
         return targets
     return np.asarray(targets)
+
+
+def _targets_kind(targets) -> str:
+    if targets is None:
+        return "none (each sample's arg-max)"
+    if np.issubdtype(np.dtype(targets.dtype), np.integer):
+        return "a class per sample" if targets.ndim == 1 else f"classes per sample of shape {tuple(targets.shape[1:])}"
+    return f"initial relevance of shape {tuple(targets.shape[1:])}"
 
 
 def _version(package: str) -> str:
@@ -382,6 +390,7 @@ def _trusted(store, x, targets, sharding, batch_size: int) -> set[int]:
             f"{shown}: their digests differ). Resuming would mix two runs. Choose another `out`, or pass "
             "overwrite=True to discard it and start over."
         )
+    store.discard(corrupt)
     if flags[0].any() and jax.process_index() == 0:
         why = "; ".join(f"rows {store.chunk_slice(c).start}:{store.chunk_slice(c).stop}: {w}"
                         for c, w in list(corrupt.items())[:3])

@@ -135,6 +135,15 @@ class Store:
                     bad.setdefault(c, f"{name}: {str(error).splitlines()[0][:200]}")
         return bad
 
+    def discard(self, chunks) -> None:
+        """Deletes these chunks of every array (the status first: they count as not done), so that
+        they are written afresh rather than merged into what failed to decode."""
+        stores = {STATUS: self.status, **self.arrays, DIGESTS[0]: self.digests[0], DIGESTS[1]: self.digests[1]}
+        for name, store in stores.items():
+            futures = [self.kvstore.write(f"{name}/c/{c}" + "/0" * (store.rank - 1), None) for c in chunks]
+            for future in futures:
+                future.result()
+
     def digests_of(self, c: int) -> tuple[bytes, bytes]:
         return tuple(bytes(np.asarray(d[c].read().result())) for d in self.digests)
 

@@ -322,7 +322,7 @@ def _output_and_relevance(
     if _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
         if _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
-        weights = jax.nn.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], dtype=out.dtype)
+        weights = _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype)
         (at_floats, at_taps), at_layers = jax.vmap(pullback)(weights * out)
     else:
         (at_floats, at_taps), at_layers = pullback(_seed(out, target))

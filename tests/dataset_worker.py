@@ -1,11 +1,12 @@
 """One process of the `explain_dataset` tests: explains a fixed data set into a zarr array.
 
-    python dataset_worker.py OUT [--block-at ROW] [--log FILE] [--process I --processes P --port N]
+    python dataset_worker.py OUT [--block-at ROW] [--log FILE] [--weights-scale S]
+                                 [--process I --processes P --port N]
 
 The data (29 samples, 8x8x2), the model (`models.CNN`, float32) and the composite are fixed, so
 every run writes the same array. `--block-at ROW`: reading a batch from row ROW on prints
 BLOCKED and hangs, for the test to kill the process there. `--log`: the row ranges read, as
-JSON. With `--processes P`, P processes of 2 CPU devices each run under
+JSON. `--weights-scale`: the weights times S (another run). With `--processes P`, P processes of 2 CPU devices each run under
 `jax.distributed.initialize` on localhost; alone, the process has 4 devices. Either way the
 mesh spans 4 devices and batches hold 8 samples.
 """
@@ -24,6 +25,7 @@ parser.add_argument("--log", default=None)
 parser.add_argument("--process", type=int, default=0)
 parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--weights-scale", type=float, default=1.0)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // args.processes}"
 
@@ -66,6 +68,7 @@ class Source:
 
 
 model, variables, x, targets = dataset()
+variables = jax.tree.map(lambda a: a * args.weights_scale, variables)
 source = Source(x)
 mesh = jax.make_mesh((4,), ("data",))
 explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())

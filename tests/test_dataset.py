@@ -1,4 +1,5 @@
-"""`jaxlrp.explain_dataset`: equal to a direct call, sharded, resumable after a kill, multi-host."""
+"""`jaxlrp.explain_dataset`: equal to a direct call, sharded, resumable after a kill, one writer at
+a time, no resume with other weights, multi-host."""
 
 import collections
 import json
@@ -142,6 +143,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted)
     # as the last batch's padding.
     chunks = collections.Counter((a, b) for a, b in read if (a, b) not in ((0, 1), (28, 29)))
     assert chunks == collections.Counter((a, a + 2) for a in range(0, 28, 2))
+
+
+def test_one_writer_at_a_time_and_no_resume_with_other_weights(tmp_path, uninterrupted):
+    out = tmp_path / "r"
+    first = _worker(out, "--block-at", "24")
+    assert first.stdout.readline().strip() == "BLOCKED"
+    second = _worker(out, stderr=subprocess.PIPE)
+    _, error = second.communicate(timeout=300)
+    assert second.returncode != 0 and "is being written by another run" in error, error
+    first.kill()
+    first.wait()
+    other = _worker(out, "--weights-scale", "1.01", stderr=subprocess.PIPE)
+    _, error = other.communicate(timeout=300)
+    assert other.returncode != 0 and "the weights (variables) differ" in error, error
+    _finish(_worker(out))  # the killed run's lease lapsed at once: same host, its process gone
+    np.testing.assert_array_equal(_read(out), uninterrupted)
 
 
 def test_two_processes_write_what_one_writes(tmp_path, uninterrupted):
