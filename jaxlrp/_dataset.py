@@ -16,24 +16,22 @@ one SPMD program over the global mesh, and each process writes its own shards' c
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from jaxlrp import _digest, _store, _warn
+from jaxlrp._batches import batch_sharding, pending, replicated, run_batches
 from jaxlrp._hooks import Explanation
 from jaxlrp._lease import KEY as LEASE_KEY, Lease, LeaseHeld
 from jaxlrp._store import RowStatus
 
-__all__ = ["InvalidRowsWarning", "explain_dataset", "relevance_maximization"]
+__all__ = ["CorruptChunkWarning", "InvalidRowsWarning", "explain_dataset"]
 
-DATA_AXIS = "data"
 WHO = "jaxlrp.explain_dataset"
 _PER_SAMPLE = ("output", "activations/")  # results without the many-targets axis
 
@@ -113,12 +111,12 @@ def explain_dataset(
             f"{WHO}: targets has {targets.shape[0]} rows, but x has {n} samples; "
             "pass one target per sample, or None for each sample's arg-max."
         )
-    sharding, shards = _batch_sharding(mesh, batch_size)
+    sharding, shards = batch_sharding(mesh, batch_size)
     chunk_rows = batch_size // shards
     context = ts.Context()
     kvstore, where = _store.location(out, context)
 
-    args = () if variables is None else (_replicated(variables, sharding),)
+    args = () if variables is None else (replicated(variables, sharding),)
     compiled, shapes, structure, program = _compile(explain, args, x, targets, batch_size, sharding)
     layout = {
         "rows": n,
@@ -139,8 +137,8 @@ def explain_dataset(
     try:
         store = _prepared(kvstore, where, context, layout, provenance, overwrite)
         done = _trusted(store, x, targets, sharding, batch_size)
-        starts = _pending(range(0, n, batch_size), done, chunk_rows, shards, n)
-        batches = _run_batches(compiled, args, x, targets, starts, batch_size, n, sharding, progress, "explaining",
+        starts = pending(range(0, n, batch_size), done, chunk_rows, shards, n)
+        batches = run_batches(compiled, args, x, targets, starts, batch_size, n, sharding, progress, "explaining",
                                digest=True)
         writer = _Writer(store, done, lease if jax.process_index() == 0 else None)
         for start, (named, status), digests in batches:
@@ -479,213 +477,3 @@ def _warn_invalid(store, where: str) -> None:
         )
 
 
-def relevance_maximization(
-    explain: Callable,
-    variables,
-    data,
-    path: str,
-    *,
-    targets=None,
-    k: int = 8,
-    batch_size: int,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = True,
-    by: str = "relevance",
-    reduce: str = "sum",
-):
-    """For each channel of the module `path`, the `k` samples of `data` where that channel's
-    relevance is highest (RelMax; `by="activation"`: its activation, ActMax), as in zennit-crp's
-    reference samples (Achtibat et al. 2023).
-
-    Args:
-      explain: `explain(variables, x, target=...)` recording `path`:
-        `jaxlrp.lrp(model, composite, record=(path,))` (`variables=None`: `explain(x, target=...)`).
-      data, targets, batch_size, mesh, progress: as for `explain_dataset`; batches are sharded
-        over the mesh's `"data"` axis and read while the previous one computes.
-      by: `"relevance"` or `"activation"`.
-      reduce: how a channel's values in one sample become its score: `"sum"` over the other
-        axes (positions, tokens) or their `"max"`.
-
-    Returns:
-      `(indices, scores)`, each of shape `(channels, k)`: per channel, the indices of its top
-      samples, highest score first, ties broken by the lower index. The running top-k lives on
-      the device; each batch's scores are merged into it in one jitted step.
-    """
-    if by not in ("relevance", "activation") or reduce not in ("sum", "max"):
-        raise ValueError(
-            f"jaxlrp.concepts.relevance_maximization: by must be 'relevance' or 'activation' and reduce "
-            f"'sum' or 'max'; got by={by!r}, reduce={reduce!r}."
-        )
-    if targets is not None and not hasattr(targets, "shape"):
-        targets = np.asarray(targets)
-    n = int(data.shape[0])
-    if not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"jaxlrp.concepts.relevance_maximization: k must lie in [1, {n}] samples, got {k!r}.")
-    sharding, _ = _batch_sharding(mesh, batch_size)
-    field = "layers" if by == "relevance" else "activations"
-
-    def scores(explanation):
-        recorded = list(explanation.layers) if isinstance(explanation, Explanation) else []
-        if path not in recorded:
-            raise ValueError(
-                f"jaxlrp.concepts.relevance_maximization: '{path}' was not recorded; the recorded paths are "
-                f"{recorded}. Build explain with jaxlrp.lrp(..., record=('{path}',))."
-            )
-        values = getattr(explanation, field)[path]
-        axes = tuple(range(1, values.ndim - 1))
-        return values.sum(axis=axes) if reduce == "sum" else values.max(axis=axes)  # (batch, channels)
-
-    # The (batch, channels) scores are small: gathered on every device for the merge.
-    gathered = sharding if isinstance(sharding, SingleDeviceSharding) else NamedSharding(sharding.mesh, PartitionSpec())
-    if variables is None:
-        compute = jax.jit(lambda x, t: scores(explain(x, target=t)), out_shardings=gathered)
-    else:
-        compute = jax.jit(lambda v, x, t: scores(explain(v, x, target=t)), out_shardings=gathered)
-    args = () if variables is None else (_replicated(variables, sharding),)
-
-    @jax.jit
-    def merge(best, chosen, batch_scores, start):
-        rows = (start + jnp.arange(batch_scores.shape[0])).astype(chosen.dtype)
-        batch_scores = jnp.where((rows < n)[:, None], batch_scores, -jnp.inf)  # padding never wins
-        values = jnp.concatenate([best, batch_scores.T.astype(best.dtype)], axis=1)
-        indices = jnp.concatenate([chosen, jnp.broadcast_to(rows, (best.shape[0], rows.shape[0]))], axis=1)
-        best, position = jax.lax.top_k(values, k)  # equal values: the earlier position, the lower index
-        return best, jnp.take_along_axis(indices, position, axis=1)
-
-    best = chosen = None
-    starts = list(range(0, n, batch_size))
-    for start, batch_scores, _ in _run_batches(compute, args, data, targets, starts, batch_size, n, sharding, progress,
-                                               "maximizing"):
-        if best is None:
-            channels = batch_scores.shape[1]
-            dtype = jnp.promote_types(batch_scores.dtype, jnp.float32)
-            best, chosen = jnp.full((channels, k), -jnp.inf, dtype), jnp.full((channels, k), -1, jnp.int32)
-        best, chosen = merge(best, chosen, batch_scores, start)
-    return chosen, best
-
-
-def _run_batches(compute, args, x, targets, starts, batch_size: int, n: int, sharding, progress: bool, label: str,
-                 digest: bool = False):
-    """Yields `(start, compute(*args, batch, target), digests)` for each batch start, the result
-    dispatched (not waited for) and the next batch read while it computes, each process reading
-    only its own devices' rows; with `digest`, `digests` is `{first row: chunk_digests}` of each
-    row shard read.
-    Advances a progress bar over the samples (on the first process)."""
-
-    def load(start):
-        rows, target_rows = {}, {}
-        batch = _device_batch(x, start, batch_size, n, sharding, rows)
-        target = None if targets is None else _device_batch(targets, start, batch_size, n, sharding, target_rows)
-        digests = {}
-        if digest:
-            for lo, values in rows.items():
-                given = () if targets is None else (target_rows[lo],)
-                digests[lo] = (_digest.of_arrays(values), _digest.of_arrays(*given))
-        return (batch, target), digests
-
-    completed = n - sum(min(batch_size, n - s) for s in starts)
-    with _progress_bar(progress and jax.process_index() == 0, n, completed, label) as advance:
-        loaded = load(starts[0]) if starts else None
-        for i, start in enumerate(starts):
-            (batch, target), digests = loaded
-            result = compute(*args, batch, target)  # dispatched: runs while the next batch loads
-            if i + 1 < len(starts):
-                loaded = load(starts[i + 1])
-            yield start, result, digests
-            advance(min(batch_size, n - start))
-
-
-def _batch_sharding(mesh, batch_size: int):
-    """`(sharding of a batch, number of row shards)`."""
-    if mesh is None:
-        if jax.process_count() == 1:
-            return SingleDeviceSharding(jax.devices()[0]), 1
-        mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
-    if DATA_AXIS not in mesh.shape:
-        raise ValueError(
-            f"jaxlrp.explain_dataset: the mesh needs an axis named '{DATA_AXIS}' to shard batches over; "
-            f"its axes are {tuple(mesh.shape)}."
-        )
-    shards = mesh.shape[DATA_AXIS]
-    if batch_size % shards:
-        raise ValueError(
-            f"jaxlrp.explain_dataset: batch_size {batch_size} does not divide over the {shards} devices "
-            f"of the mesh's '{DATA_AXIS}' axis; use a multiple of {shards}."
-        )
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS)), shards
-
-
-def _replicated(variables, sharding):
-    """Array leaves not yet placed on the batch's devices, replicated over them (under several
-    processes, every process holds the same values)."""
-    if isinstance(sharding, SingleDeviceSharding):
-        return variables
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
-
-    def place(leaf):
-        if not isinstance(leaf, (jax.Array, np.ndarray)):
-            return leaf
-        if isinstance(leaf, jax.Array) and leaf.sharding.device_set == replicated.device_set:
-            return leaf
-        return jax.make_array_from_callback(leaf.shape, replicated, lambda index, a=np.asarray(leaf): a[index])
-
-    return jax.tree.map(place, variables)
-
-
-def _pending(starts, done: set[int], chunk_rows: int, shards: int, n: int) -> list[int]:
-    """The batch starts with a chunk missing; the same list on every process."""
-    missing = np.array([
-        any(c not in done for c in range(s // chunk_rows, min(s // chunk_rows + shards, -(-n // chunk_rows))))
-        for s in starts
-    ])
-    if jax.process_count() > 1:
-        missing = np.asarray(multihost_utils.process_allgather(missing)).any(axis=0)
-    return [s for s, m in zip(starts, missing) if m]
-
-
-def _rows(source, start: int, stop: int, n: int) -> np.ndarray:
-    """`source[start:stop]` as NumPy, padded past `n` by repeating the last row."""
-    if stop <= n:
-        return np.asarray(source[start:stop])
-    last = np.asarray(source[n - 1 : n])
-    rows = [np.asarray(source[start:n])] if start < n else []
-    return np.concatenate([*rows, np.repeat(last, stop - max(start, n), axis=0)])
-
-
-def _device_batch(source, start: int, batch_size: int, n: int, sharding, read: dict) -> jax.Array:
-    """Rows `start : start + batch_size`, each process reading only its own devices' rows; the
-    rows read are added to `read` as `{first row: rows below n}`."""
-    shape = (batch_size, *source.shape[1:])
-
-    def shard(index):
-        rows = index[0]
-        lo, hi = start + (rows.start or 0), start + (batch_size if rows.stop is None else rows.stop)
-        rows = _rows(source, lo, hi, n)
-        if lo < n:
-            read[lo] = rows[: min(hi, n) - lo]
-        return rows[(slice(None), *index[1:])]
-
-    return jax.make_array_from_callback(shape, sharding, shard)
-
-
-@contextlib.contextmanager
-def _progress_bar(show: bool, total: int, completed: int, label: str = "explaining"):
-    """Yields `advance(k)`: a rich progress bar over samples with the throughput, or nothing."""
-    if not show:
-        yield lambda k: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    started, counted = time.perf_counter(), 0
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()) as bar:
-        task = bar.add_task("explain", total=total, completed=completed, rate="-")
-
-        def advance(k: int) -> None:
-            nonlocal counted
-            counted += k
-            rate = counted / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=k, rate=f"{rate:,.1f}")
-
-        yield advance
-        bar.refresh()

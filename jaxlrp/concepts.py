@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlrp._dataset import relevance_maximization
+from jaxlrp._relmax import relevance_maximization
 from jaxlrp._hooks import Explanation
 
 __all__ = ["channel_relevance", "receptive_field_crop", "relevance_maximization", "top_concepts"]
