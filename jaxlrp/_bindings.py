@@ -222,8 +222,9 @@ def call_form(binding: Binding, method: Callable) -> Callable:
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, result = jitted(others, x, target=target, **kwargs)
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and _checks.is_concrete(target):
+        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim:
             _checks.check_classes(target, out.shape[-1])
+        _checks.check_weights_if_not_finite(result, others)
         return out, result
 
     explain.jaxlrp_description = getattr(method, "jaxlrp_description", None)

@@ -16,6 +16,11 @@ def check_input(x) -> None:
             f"jaxlrp explains floating-point inputs (or integer token ids for models that start with "
             f"an embedding), got an input of dtype {dtype}."
         )
+    if jnp.size(x) == 0:
+        raise ValueError(
+            f"jaxlrp: the explained input has no values (shape {tuple(jnp.shape(x))}); there is nothing to "
+            "explain. Skip empty batches (jaxlrp.explain_dataset never makes one)."
+        )
     if jnp.issubdtype(dtype, jnp.floating) and is_concrete(x):
         with jax.ensure_compile_time_eval():  # evaluated now, even inside an outer jit
             finite = bool(jnp.all(jnp.isfinite(x)))
@@ -24,6 +29,25 @@ def check_input(x) -> None:
                 "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
                 "Clean the input first (under jit this cannot be checked and NaN propagates)."
             )
+
+
+def check_weights_if_not_finite(result, weights) -> None:
+    """An error naming the non-finite weights when a concrete result is not finite and they are
+    why (the input was checked before); costs one reduction over the result when it is finite."""
+    floats = [leaf for leaf in jax.tree.leaves(result) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    if not floats or not all(is_concrete(leaf) for leaf in floats):
+        return
+    if all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in floats):
+        return
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(weights)[0]
+           if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+           and is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf)))]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"jaxlrp: the model's weights hold NaN or Inf ({shown}), which makes the relevance NaN. Check the "
+            "checkpoint or the training run that produced them (under jit this cannot be checked and NaN propagates)."
+        )
 
 
 def is_concrete(x) -> bool:
@@ -37,13 +61,37 @@ def check_classes(target, classes: int) -> None:
         raise ValueError(f"jaxlrp: target class out of range [0, {classes}): {t}.")
 
 
-def output_weights(out: jax.Array, target) -> jax.Array:
+def batch_of(x) -> int | None:
+    """The length of the explained input's leading axis when it has one beyond a sample's own
+    (rank >= 2), else None."""
+    leaves = jax.tree.leaves(x)
+    return int(leaves[0].shape[0]) if leaves and jnp.ndim(leaves[0]) >= 2 else None
+
+
+def output_weights(out: jax.Array, target, batch: int | None = None) -> jax.Array:
     """What `target` selects of `out`, as weights shaped like it: the one-hot of each sample's
     class (`None`: its arg-max; an int or int array of shape `out.shape[:-1]`), or a float target
-    of the output's shape itself. A concrete class out of range is an error, a traced one NaN."""
+    of the output's shape itself. A concrete class out of range is an error, a traced one NaN.
+
+    With `target=None`, an output of one score per sample (shape `(batch,)`, `batch` the input's
+    leading axis) and a scalar output are explained as they are: each sample's own score."""
+    if not jnp.issubdtype(out.dtype, jnp.inexact):
+        raise TypeError(
+            f"jaxlrp explains a floating-point output; the model returns {out.dtype}{list(out.shape)} (an "
+            "arg-max, a rounding or a cast), which has no relevance to propagate. Explain the scores it "
+            "is computed from: output=lambda out: ... selecting a float array, or return the logits."
+        )
+    scores = out.ndim == 0 or (out.ndim == 1 and batch is not None and out.shape[0] == batch)
     if target is None:
+        if scores:
+            return jnp.ones_like(out)
         return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=out.dtype)
     target = jnp.asarray(target)
+    if out.ndim == 0 and not jnp.issubdtype(target.dtype, jnp.floating):
+        raise ValueError(
+            f"jaxlrp: the model returns a scalar, which has no classes to choose with target={target}; "
+            "explain it with target=None (or a float seed of shape ())."
+        )
     if jnp.issubdtype(target.dtype, jnp.floating):
         if target.shape != out.shape:
             raise ValueError(

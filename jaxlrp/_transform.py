@@ -272,9 +272,9 @@ def _default_rule(kind: str, composite: Composite) -> _rules.Rule:
     return _rules.Norm(stabilizer)
 
 
-def _seed(out: jax.Array, target) -> jax.Array:
+def _seed(out: jax.Array, target, batch: int | None = None) -> jax.Array:
     """The initial relevance at the output: the target class's output (a float target: itself)."""
-    weights = _checks.output_weights(out, target)
+    weights = _checks.output_weights(out, target, batch)
     if target is not None and jnp.issubdtype(jnp.result_type(target), jnp.floating):
         return weights
     return weights * out
@@ -325,7 +325,7 @@ def _output_and_relevance(
         weights = _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype)
         (at_floats, at_taps), at_layers = jax.vmap(pullback)(weights * out)
     else:
-        (at_floats, at_taps), at_layers = pullback(_seed(out, target))
+        (at_floats, at_taps), at_layers = pullback(_seed(out, target, _checks.batch_of(leaves)))
     per_leaf = [None] * len(leaves)
     for i, r in zip(floats, at_floats):
         per_leaf[i] = r

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlrp import _bindings
-from jaxlrp._checks import output_weights
+from jaxlrp._checks import batch_of, output_weights
 
 __all__ = ["gradient", "gradient_x_input", "integrated_gradients", "occlusion", "smoothgrad"]
 
@@ -49,7 +49,7 @@ def gradient(model, *, output: Callable | None = None, **model_kwargs) -> Callab
 
     def method(forward, x, target):
         out = forward(x)
-        return out, _gradient(forward, x, output_weights(out, target))
+        return out, _gradient(forward, x, output_weights(out, target, batch_of(x)))
 
     return _in_call_form(model, method, output, model_kwargs)
 
@@ -60,7 +60,7 @@ def gradient_x_input(model, *, output: Callable | None = None, **model_kwargs) -
 
     def method(forward, x, target):
         out = forward(x)
-        return out, x * _gradient(forward, x, output_weights(out, target))
+        return out, x * _gradient(forward, x, output_weights(out, target, batch_of(x)))
 
     return _in_call_form(model, method, output, model_kwargs)
 
@@ -82,7 +82,7 @@ def smoothgrad(
 
     def method(forward, x, target, *, key):
         out = forward(x)
-        weights = output_weights(out, target)
+        weights = output_weights(out, target, batch_of(x))
         axes = tuple(range(1, x.ndim))
         sigma = noise_level * (jnp.max(x, axes, keepdims=True) - jnp.min(x, axes, keepdims=True))
         noise = jax.random.normal(key, (n, *x.shape), x.dtype) * sigma
@@ -107,7 +107,7 @@ def integrated_gradients(
 
     def method(forward, x, target):
         out = forward(x)
-        weights = output_weights(out, target)
+        weights = output_weights(out, target, batch_of(x))
         start = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
         alphas = jnp.arange(1, n + 1, dtype=x.dtype) / n
         grads = jax.vmap(lambda a: _gradient(forward, start + a * (x - start), weights))(alphas)
@@ -142,7 +142,7 @@ def occlusion(
 
     def method(forward, x, target):
         out = forward(x)
-        weights = output_weights(out, target)
+        weights = output_weights(out, target, batch_of(x))
         covers = _window_covers(x.shape, window, stride)  # per axis: (windows, size)
         grid = tuple(c.shape[0] for c in covers)
 

@@ -122,6 +122,8 @@ class LayerMap(Composite):
     weights, as CP-LRP; `("selection",)`: a state-space model's selection parameters, MambaLRP)."""
 
     def __init__(self, mapping: Mapping, first: Rule | Mapping | None = None, stabilizer=None, hold=()):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"LayerMap takes a mapping {{layer kind or module class: rule}}; got {mapping!r}.")
         self.mapping = dict(mapping)
         self.stabilizer = stabilizer
         self.hold = frozenset(hold)
@@ -130,6 +132,11 @@ class LayerMap(Composite):
                              f"got {sorted(self.hold)}.")
         if isinstance(first, Rule):
             first = {WEIGHTED: first}
+        if first is not None and not isinstance(first, Mapping):
+            raise TypeError(
+                f"LayerMap's first= is a rule (for the first dense or conv layer) or a mapping {{key: rule}}; got "
+                f"{first!r}" + (f": write first=rules.{first}()" if isinstance(first, str) else "") + "."
+            )
         self.first = None if first is None else dict(first)
         for key in [*self.mapping, *(self.first or {})]:
             _matches(key, LayerInfo("", None, "dense"))  # validates the key
@@ -178,6 +185,16 @@ class NameMap(Composite):
     (`LayerInfo.names`). A pattern that matches no layer is an error."""
 
     def __init__(self, mapping: Mapping[str, Rule]):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"NameMap takes a mapping {{pattern: rule}}; got {mapping!r}.")
+        for pattern, rule in mapping.items():
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"NameMap keys are module paths or fnmatch patterns (str), got {pattern!r}: write "
+                    f"'{pattern}' (a path), or use LayerMap for layer kinds and module classes."
+                )
+            if not isinstance(rule, Rule) and rule is not None:
+                raise TypeError(f"NameMap values must be jaxlrp.rules.Rule instances, got {rule!r} for '{pattern}'.")
         self.mapping = dict(mapping)
 
     def rules(self, layers):
@@ -191,7 +208,9 @@ class NameMap(Composite):
 
     @classmethod
     def tree_unflatten(cls, keys, children):
-        return cls(dict(zip(keys, children[0])))
+        obj = object.__new__(cls)
+        obj.mapping = dict(zip(keys, children[0]))
+        return obj
 
     def __repr__(self):
         return f"NameMap({self.mapping!r})"
