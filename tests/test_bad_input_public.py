@@ -1,0 +1,165 @@
+"""Bad input to the public functions of evaluate, concepts.relevance_maximization and viz: our
+own errors naming the function, or results that stay correct (NaN never silently turned into a
+number, one NaN pixel never spoiling a picture)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlrp
+from jaxlrp import composites, evaluate, rules
+
+CLASSES = 10
+
+
+def _linear(batch=3, features=8, seed=0):
+    """A bias-free linear model with 10 classes, inputs and their exact relevance for class 0."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    w = jax.random.normal(k1, (features, CLASSES))
+    x = jax.random.normal(k2, (batch, features))
+
+    def fn(z):
+        return z @ w
+
+    return fn, x, x * w[:, 0]
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(4, name="out")(x)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    return Tiny(), Tiny().init(jax.random.key(1), x), x
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [-1, 10, [0, 3, 10], [0, -2, 1]])
+def test_region_perturbation_refuses_a_concrete_target_out_of_range(target):
+    fn, x, relevance = _linear()
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.region_perturbation: target classes must lie in \[0, 10\)"):
+        evaluate.region_perturbation(fn, x, relevance, target=jnp.asarray(target), patch=(1,))
+
+
+def test_region_perturbation_refuses_a_target_of_another_shape_or_dtype():
+    fn, x, relevance = _linear()
+    for target in (jnp.zeros(2, int), jnp.zeros(3)):
+        with pytest.raises(ValueError, match=r"region_perturbation: target must be a class index per sample"):
+            evaluate.region_perturbation(fn, x, relevance, target=target, patch=(1,))
+
+
+def test_region_perturbation_traced_target_out_of_range_gives_nan_not_another_class():
+    fn, x, relevance = _linear()
+    run = jax.jit(lambda t: evaluate.region_perturbation(fn, x, relevance, target=t, patch=(2,)))
+    curve = np.asarray(run(jnp.array([-1, 0, 10])))
+    assert np.isnan(curve[0]).all() and np.isnan(curve[2]).all()  # before: class 9, and NaN only for 10
+    expected = evaluate.region_perturbation(fn, x, relevance, target=jnp.array([0, 0, 0]), patch=(2,))
+    np.testing.assert_allclose(curve[1], expected[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_region_perturbation_refuses_concrete_relevance_with_nan(bad):
+    fn, x, relevance = _linear()
+    relevance = relevance.at[1, 2].set(bad)
+    for order in ("morf", "lerf"):
+        with pytest.raises(ValueError, match=r"region_perturbation: relevance holds NaN or Inf \(1 of 24 values\)"):
+            evaluate.region_perturbation(fn, x, relevance, target=0, patch=(1,), order=order)
+    # a random order does not read the relevance's values
+    curve = evaluate.region_perturbation(fn, x, relevance, target=0, patch=(1,), order="random", key=jax.random.key(0))
+    assert np.isfinite(curve).all()
+
+
+def test_region_perturbation_traced_nan_relevance_gives_that_sample_nan():
+    fn, x, relevance = _linear()
+    bad = relevance.at[1, 2].set(jnp.nan)
+    run = jax.jit(lambda r, order: evaluate.region_perturbation(fn, x, r, target=0, patch=(1,), order=order), static_argnums=1)
+    morf, lerf = np.asarray(run(bad, "morf")), np.asarray(run(bad, "lerf"))
+    assert np.isnan(morf[1]).all() and np.isnan(evaluate.abpc(morf, lerf)[1])  # before: MoRF = LeRF, ABPC 0
+    np.testing.assert_allclose(morf[[0, 2]], run(relevance, "morf")[jnp.array([0, 2])], rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, -2, 2.5, True])
+def test_region_perturbation_refuses_a_bad_chunk(chunk):
+    fn, x, relevance = _linear()
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.region_perturbation: chunk must be None or an int >= 1"):
+        evaluate.region_perturbation(fn, x, relevance, target=0, patch=(1,), chunk=chunk)
+
+
+def test_region_perturbation_refuses_non_int_steps():
+    fn, x, relevance = _linear()
+    with pytest.raises(ValueError, match=r"steps must lie in \[0, 8\] regions and be an int, got 2.5"):
+        evaluate.region_perturbation(fn, x, relevance, target=0, patch=(1,), steps=2.5)
+
+
+def test_spearman_is_nan_where_a_map_holds_nan_and_checks_shapes():
+    a = jnp.array([[jnp.nan, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    b = jnp.array([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    rho = np.asarray(evaluate.spearman(a, b))
+    assert np.isnan(rho[0]) and rho[1] == pytest.approx(1.0)  # before: -0.2 for the NaN map
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.spearman: expected two maps of one shape"):
+        evaluate.spearman(a, b[:, :3])
+
+
+def test_aopc_and_abpc_refuse_curves_without_a_batch_axis():
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.aopc: expected a curve of shape \(batch, steps \+ 1\)"):
+        evaluate.aopc(jnp.zeros(5))
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.abpc: expected curves of shape"):
+        evaluate.abpc(jnp.zeros(5), jnp.zeros(5))
+
+
+def test_randomization_test_checks_the_target_and_the_given_relevance(tiny):
+    model, variables, x = tiny
+    explain = jaxlrp.lrp(model, composites.EpsilonPlus())
+    with pytest.raises(ValueError, match=r"target class out of range \[0, 4\)"):
+        evaluate.randomization_test(explain, variables, x, target=jnp.array([0, 1, 2, 4]), key=jax.random.key(0))
+    relevance = explain(variables, x, target=0).at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"randomization_test: the original relevance holds NaN or Inf"):
+        evaluate.randomization_test(explain, variables, x, target=0, key=jax.random.key(0), relevance=relevance)
+
+
+def _gamma(gamma):
+    return composites.LayerMap({"dense": rules.Gamma(gamma=gamma)})
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({}, "grid must map at least one hyperparameter"),
+    ({"gamma": []}, "'gamma' needs at least one value, all finite"),
+    ({"gamma": [0.1, np.nan]}, "'gamma' needs at least one value, all finite"),
+])
+def test_sweep_refuses_a_bad_grid(tiny, grid, message):
+    model, variables, x = tiny
+    with pytest.raises(ValueError, match=rf"jaxlrp\.evaluate\.sweep: {message}"):
+        evaluate.sweep(_gamma, grid, model, variables, x, target=0, patch=(2,), steps=2)
+
+
+def test_sweep_refuses_targets_out_of_range_nan_input_and_bad_points_per_call(tiny):
+    model, variables, x = tiny
+    args = dict(patch=(2,), steps=2)
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: target classes must lie in \[0, 4\) for an output of 4 classes; got \[-1, 4\]"):
+        evaluate.sweep(_gamma, {"gamma": [0.1]}, model, variables, x, target=jnp.array([0, -1, 4, 1]), **args)
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: the input holds NaN or Inf"):
+        evaluate.sweep(_gamma, {"gamma": [0.1]}, model, variables, x.at[0, 0].set(jnp.nan), target=0, **args)
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: points_per_call must be None or an int >= 1"):
+        evaluate.sweep(_gamma, {"gamma": [0.1]}, model, variables, x, target=0, points_per_call=0, **args)
+
+
+def test_sweep_never_picks_a_point_whose_maps_are_nan(tiny):
+    model, variables, x = tiny
+    args = dict(patch=(4,), steps=1)
+
+    def make(gamma):  # gamma < 0 gives a NaN stabilizer (traced, so unchecked) and NaN maps
+        return composites.LayerMap({"dense": rules.Gamma(gamma=jnp.abs(gamma), stabilizer=jnp.where(gamma < 0, jnp.nan, 1e-6))})
+
+    result = evaluate.sweep(make, {"gamma": [-1.0, 0.25]}, model, variables, x, target=0, **args)
+    assert np.isnan(result.scores[0]) and np.isfinite(result.scores[1])  # before: ABPC 0, not NaN
+    assert result.best == {"gamma": 0.25}
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: every grid point scored NaN"):
+        evaluate.sweep(make, {"gamma": [-1.0, -2.0]}, model, variables, x, target=0, **args)
