@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxlrp
-from jaxlrp import composites, evaluate, rules
+from jaxlrp import composites, concepts, evaluate, rules
 
 CLASSES = 10
 
@@ -163,3 +163,35 @@ def test_sweep_never_picks_a_point_whose_maps_are_nan(tiny):
     assert result.best == {"gamma": 0.25}
     with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: every grid point scored NaN"):
         evaluate.sweep(make, {"gamma": [-1.0, -2.0]}, model, variables, x, target=0, **args)
+
+
+# ---- concepts.relevance_maximization -------------------------------------------------------
+
+
+def test_relevance_maximization_never_ranks_nan_above_numbers(tiny):
+    model, variables, _ = tiny
+    data = np.array(jax.random.normal(jax.random.key(3), (9, 8)))
+    data[0, 0] = np.nan  # sample 0 scores NaN for every channel
+    explain = jaxlrp.lrp(model, composites.EpsilonPlus(), record=("hidden",))
+    kwargs = dict(targets=np.arange(9) % 4, batch_size=4, progress=False)
+    indices, scores = concepts.relevance_maximization(explain, variables, data, "hidden", k=3, **kwargs)
+    assert not (np.asarray(indices) == 0).any() and np.isfinite(scores).all()  # before: sample 0 first everywhere
+    values = np.asarray(jax.jit(lambda x, t: explain(variables, x, target=t))(data, kwargs["targets"]).layers["hidden"])
+    for channel in range(6):
+        expected = sorted(range(1, 9), key=lambda i: (-values[i, channel], i))[:3]
+        assert list(np.asarray(indices[channel])) == expected
+    every, every_score = concepts.relevance_maximization(explain, variables, data, "hidden", k=9, **kwargs)
+    assert (np.asarray(every)[:, -1] == 0).all() and np.isnan(every_score[:, -1]).all()  # NaN last, shown as NaN
+    assert np.isfinite(every_score[:, :-1]).all() and set(np.asarray(every)[0]) == set(range(9))
+
+
+def test_relevance_maximization_checks_the_targets_length_before_any_work(tiny):
+    model, variables, _ = tiny
+    data = np.zeros((6, 8), np.float32)
+
+    def explain(variables, x, target=None):
+        raise AssertionError("explain was called")
+
+    for targets in (np.arange(5) % 4, np.arange(7) % 4, 0):
+        with pytest.raises(ValueError, match=r"jaxlrp\.concepts\.relevance_maximization: targets needs one entry per sample of data \(6\)"):
+            concepts.relevance_maximization(explain, variables, data, "hidden", targets=targets, k=2, batch_size=4, progress=False)
