@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import jaxlrp
-from jaxlrp import composites, concepts, evaluate, rules
+from jaxlrp import composites, concepts, evaluate, rules, viz
 
 CLASSES = 10
 
@@ -195,3 +196,99 @@ def test_relevance_maximization_checks_the_targets_length_before_any_work(tiny):
     for targets in (np.arange(5) % 4, np.arange(7) % 4, 0):
         with pytest.raises(ValueError, match=r"jaxlrp\.concepts\.relevance_maximization: targets needs one entry per sample of data \(6\)"):
             concepts.relevance_maximization(explain, variables, data, "hidden", targets=targets, k=2, batch_size=4, progress=False)
+
+
+# ---- viz -----------------------------------------------------------------------------------
+
+MAGENTA = list(viz.NAN_COLOUR)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_heatmap_scales_by_the_finite_pixels_and_marks_the_others(bad, symmetric):
+    r = np.array([[2.0, -1.0, 0.0, 0.5], [1.0, -2.0, 0.25, 0.0]])
+    clean = viz.heatmap(r, symmetric=symmetric)
+    r[1, 3] = bad
+    rgb = viz.heatmap(r, symmetric=symmetric)
+    np.testing.assert_array_equal(rgb[1, 3], MAGENTA)  # before: the whole map blanked
+    mask = np.ones(r.shape, bool)
+    mask[1, 3] = False
+    np.testing.assert_array_equal(rgb[mask], clean[mask])
+
+
+@pytest.mark.parametrize("cmap", sorted(viz.COLORMAPS))
+def test_the_nan_colour_is_no_colour_of_a_number(cmap):
+    rgb = viz.heatmap(np.append(np.linspace(-1, 1, 2001), np.nan)[None], cmap=cmap)
+    np.testing.assert_array_equal(rgb[0, -1], MAGENTA)
+    assert not (rgb[0, :-1] == MAGENTA).all(axis=-1).any()
+
+
+def test_heatmap_a_nan_channel_marks_its_pixel_with_either_reduce():
+    r = np.ones((2, 2, 3))
+    r[0, 1, 2] = np.nan
+    for reduce in ("sum", "absmax"):
+        rgb = viz.heatmap(r, reduce=reduce)
+        np.testing.assert_array_equal(rgb[0, 1], MAGENTA)
+        np.testing.assert_array_equal(rgb[1, 1], [255, 0, 0])
+
+
+def test_image_and_overlay_keep_the_finite_pixels():
+    x = np.linspace(0.0, 1.0, 16).reshape(4, 4)
+    clean = viz.image(x)
+    x_bad = x.copy()
+    x_bad[0, 1] = np.nan
+    shown = viz.image(x_bad)
+    np.testing.assert_array_equal(shown[0, 1], MAGENTA)  # before: every pixel 0 (NaN cast to uint8)
+    np.testing.assert_array_equal(shown[1:], clean[1:])
+    relevance = np.zeros((4, 4))
+    relevance[2, 2], relevance[3, 0] = 3.0, -1.0
+    expected = viz.overlay(x, relevance)
+    relevance[1, 1] = np.nan
+    picture = viz.overlay(x, relevance)
+    np.testing.assert_array_equal(picture[1, 1], MAGENTA)
+    mask = np.ones((4, 4), bool)
+    mask[1, 1] = False
+    np.testing.assert_array_equal(picture[mask], expected[mask])
+    np.testing.assert_array_equal(viz.overlay(x_bad, np.where(np.isnan(relevance), 0, relevance))[0, 1], MAGENTA)
+    with pytest.raises(ValueError, match=r"jaxlrp\.viz\.overlay: expected relevance of the image's height and width"):
+        viz.overlay(x, np.zeros((4, 5)))
+
+
+def test_save_png_scales_floats_in_0_1_and_refuses_the_rest(tmp_path):
+    picture = np.random.default_rng(0).uniform(0, 1, (5, 6, 3))
+    picture[0, 0] = [0.0, 1.0, 0.5]
+    viz.save_png(tmp_path / "float.png", picture)
+    expected = np.round(picture * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "float.png")), expected)  # before: black
+    viz.save_png(tmp_path / "grey.png", picture[..., :1])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grey.png")), expected[..., 0])
+    viz.save_png(tmp_path / "ints.png", expected.astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ints.png")), expected)
+    bad = {
+        "outside.png": (picture * 2, r"floats in \[0, 1\].*got values in \[0, 2\]"),
+        "nan.png": (np.where(picture > 0.9, np.nan, picture), "holds NaN or Inf"),
+        "big.png": (expected.astype(np.int64) + 1, r"integers in 0\.\.255"),
+        "batch.png": (np.zeros((2, 5, 6, 3), np.uint8), r"got \(2, 5, 6, 3\); a batch"),
+        "channels.png": (np.zeros((5, 6, 2), np.uint8), r"got \(5, 6, 2\)"),
+        "batch3.png": (np.zeros((8, 5, 6), np.float32)[..., :5], r"got \(8, 5, 5\)"),
+    }
+    for name, (array, message) in bad.items():
+        with pytest.raises(ValueError, match=rf"jaxlrp\.viz\.save_png: .*{message}"):
+            viz.save_png(tmp_path / name, array)
+        assert not (tmp_path / name).exists()
+
+
+def test_grid_reads_float_tiles_and_refuses_nan_tiles():
+    tile = np.linspace(0, 1, 64).reshape(8, 8)
+    as_uint8 = np.round(tile * 255).astype(np.uint8)
+    np.testing.assert_array_equal(viz.grid([[tile]], cell=8), viz.grid([[as_uint8]], cell=8))  # before: black
+    np.testing.assert_array_equal(viz.grid([[tile[..., None]]], cell=8), viz.grid([[as_uint8]], cell=8))
+    with pytest.raises(ValueError, match=r"jaxlrp\.viz\.grid: the tile in row 0, column 1 holds NaN or Inf"):
+        viz.grid([[tile, np.where(tile > 0.5, np.nan, tile)]], cell=8)
+
+
+def test_curves_leave_out_nan_values():
+    plot = viz.curves({"MoRF": np.array([1.0, np.nan, 0.5, 0.25]), "LeRF": np.full(4, np.nan)})
+    assert plot.shape == (400, 640, 3)
+    red = (plot[..., 0] > 200) & (plot[..., 1] < 80) & (plot[..., 2] < 80)
+    assert red.sum() > 100  # the finite segment of the first line is drawn
