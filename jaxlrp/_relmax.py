@@ -45,8 +45,14 @@ def relevance_maximization(
 
     Returns:
       `(indices, scores)`, each of shape `(channels, k)`: per channel, the indices of its top
-      samples, highest score first, ties broken by the lower index. The running top-k lives on
-      the device; each batch's scores are merged into it in one jitted step.
+      samples, highest score first, ties broken by the lower index. A NaN score (a sample whose
+      input or relevance holds NaN) ranks below every number, −Inf included: it is chosen only
+      when a channel has fewer than `k` samples with a numeric score, and then shows as NaN in
+      `scores`. The running top-k lives on the device; each batch's scores are merged into it
+      in one jitted step.
+
+    `targets`, when given, needs one entry per sample (`len(targets) == len(data)`), checked
+    before any work.
     """
     if by not in ("relevance", "activation") or reduce not in ("sum", "max"):
         raise ValueError(
@@ -56,6 +62,11 @@ def relevance_maximization(
     if targets is not None and not hasattr(targets, "shape"):
         targets = np.asarray(targets)
     n = int(data.shape[0])
+    if targets is not None and (len(targets.shape) == 0 or int(targets.shape[0]) != n):
+        raise ValueError(
+            f"jaxlrp.concepts.relevance_maximization: targets needs one entry per sample of data ({n}), "
+            f"got targets of shape {tuple(targets.shape)}."
+        )
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"jaxlrp.concepts.relevance_maximization: k must lie in [1, {n}] samples, got {k!r}.")
     sharding, _ = batch_sharding(mesh, batch_size)
@@ -83,11 +94,14 @@ def relevance_maximization(
     @jax.jit
     def merge(best, chosen, batch_scores, start):
         rows = (start + jnp.arange(batch_scores.shape[0])).astype(chosen.dtype)
-        batch_scores = jnp.where((rows < n)[:, None], batch_scores, -jnp.inf)  # padding never wins
+        rows = jnp.where(rows < n, rows, -1)  # padding: no sample, as the empty slots of the start
         values = jnp.concatenate([best, batch_scores.T.astype(best.dtype)], axis=1)
         indices = jnp.concatenate([chosen, jnp.broadcast_to(rows, (best.shape[0], rows.shape[0]))], axis=1)
-        best, position = jax.lax.top_k(values, k)  # equal values: the earlier position, the lower index
-        return best, jnp.take_along_axis(indices, position, axis=1)
+        # Sorted by kind (a number, then NaN, then no sample), by value descending, then by index.
+        kind = jnp.where(indices < 0, 2, jnp.where(jnp.isnan(values), 1, 0))
+        key = jnp.where(kind == 0, -values, 0)
+        _, _, indices, values = jax.lax.sort((kind, key, indices, values), dimension=1, num_keys=3)
+        return values[:, :k], indices[:, :k]
 
     best = chosen = None
     starts = list(range(0, n, batch_size))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _bindings, _eager
+from jaxlrp import _bindings, _checks, _eager
 from jaxlrp._transform import explained
 
 __all__ = [
@@ -71,16 +71,20 @@ def region_perturbation(
 
     Args:
       fn: maps a batch of inputs to outputs `(batch, classes)` (or `(batch,)` scores).
-      x: the inputs, `(batch, ...)`; `relevance` is shaped like it.
-      target: the class per sample (shape `(batch,)` or `()`), or `None` for the class `fn`
-        predicts for `x`; ignored for `(batch,)` outputs.
-      steps: how many regions to replace (default: all).
+      x: the inputs, `(batch, ...)`; `relevance` is shaped like it. For `"morf"` and `"lerf"`
+        a concrete relevance holding NaN or Inf is an error (it would make both orders the
+        region-number order and ABPC 0); a traced one cannot be checked, and the curve of a
+        sample whose relevance is not finite is NaN. `"random"` does not read its values.
+      target: the class per sample (an int array of shape `(batch,)` or `()`), or `None` for
+        the class `fn` predicts for `x`; ignored for `(batch,)` outputs. A concrete class
+        outside `[0, classes)` is an error; a traced one gives that sample a NaN curve.
+      steps: how many regions to replace, an int (default: all).
       baseline: a value, an array broadcastable to `x`, `"mean"` (each sample's mean) or
         `"uniform"` (noise uniform in each sample's [min, max], drawn once from `key`).
       chunk: how many perturbed copies of the batch go through `fn` in one call (a
-        `jax.lax.map` over chunks of steps); `None`: all `steps` copies as one batch of
-        `steps · batch` inputs. `fn` must treat the samples of a batch independently (a model in
-        eval mode does).
+        `jax.lax.map` over chunks of steps), an int >= 1; `None`: all `steps` copies as one
+        batch of `steps · batch` inputs. `fn` must treat the samples of a batch independently
+        (a model in eval mode does).
 
     Returns:
       `curve` of shape `(batch, steps + 1)`: `curve[:, k]` is the target output after `k`
@@ -96,24 +100,33 @@ def region_perturbation(
         )
     grid = _region_grid(x.shape, patch, "region_perturbation")
     regions = int(np.prod(grid))
-    steps = regions if steps is None else int(steps)
-    if not 0 <= steps <= regions:
-        raise ValueError(f"jaxlrp.evaluate.region_perturbation: steps must lie in [0, {regions}] regions, got {steps}.")
+    if steps is None:
+        steps = regions
+    if not _is_int(steps) or not 0 <= steps <= regions:
+        raise ValueError(f"jaxlrp.evaluate.region_perturbation: steps must lie in [0, {regions}] regions and be an int, got {steps!r}.")
+    steps = int(steps)
+    if chunk is not None and (not _is_int(chunk) or chunk < 1):
+        raise ValueError(f"jaxlrp.evaluate.region_perturbation: chunk must be None or an int >= 1, got {chunk!r}.")
     if order not in ORDERS:
         raise ValueError(f"jaxlrp.evaluate.region_perturbation: order must be one of {ORDERS}, got {order!r}.")
+    if order != "random":
+        _check_finite(relevance, "region_perturbation", "relevance")
     needs_key = order == "random" or (isinstance(baseline, str) and baseline == "uniform")
     if needs_key and key is None:
         raise ValueError("jaxlrp.evaluate.region_perturbation: a random order or a uniform baseline needs key=.")
+    clean = fn(x)
+    batch = x.shape[0]
+    if clean.ndim == 1:
+        target = None  # (batch,) scores: there is no class to pick
+    elif target is None:
+        target = jnp.argmax(clean.reshape(batch, -1), axis=-1)
+    else:
+        target = _checked_target(target, batch, int(np.prod(clean.shape[1:])), "region_perturbation")
+    targets = None if target is None else jnp.broadcast_to(target, (batch,))
     patch = tuple(patch)
     order_key, fill_key = jax.random.split(key) if key is not None else (None, None)
     rank = _region_rank(_region_scores(relevance, patch), order, order_key)  # (batch, regions)
     fill = _fill(x, baseline, fill_key)
-    clean = fn(x)
-    if target is None and clean.ndim > 1:
-        target = jnp.argmax(clean, axis=-1)
-
-    batch = x.shape[0]
-    targets = None if target is None else jnp.broadcast_to(jnp.asarray(target), (batch,))
 
     def outputs(ks):  # (n,) steps -> (n, batch): the n perturbed copies of the batch as one batch
         n = ks.shape[0]
@@ -134,7 +147,11 @@ def region_perturbation(
     else:  # lax.map over chunks of steps; the last chunk is padded by repeating the last step
         padded = jnp.concatenate([ks, jnp.full((-steps) % chunk, steps)]).reshape(-1, chunk)
         rest = jax.lax.map(outputs, padded).reshape(-1, batch)[:steps]
-    return jnp.concatenate([_pick(clean, target)[:, None], rest.T], axis=1)
+    curve = jnp.concatenate([_pick(clean, targets)[:, None], rest.T], axis=1)
+    if order == "random" or not jnp.issubdtype(curve.dtype, jnp.inexact):
+        return curve
+    finite = jnp.all(jnp.isfinite(relevance.reshape(batch, -1)), axis=1)  # traced relevance: NaN, not a silent curve
+    return jnp.where(finite[:, None], curve, jnp.nan)
 
 
 def aopc(curve: jax.Array) -> jax.Array:
@@ -142,6 +159,8 @@ def aopc(curve: jax.Array) -> jax.Array:
     `(1/(L+1)) Σ_{k=0..L} curve[:, 0] − curve[:, k]`. Averaged over samples, it is the paper's
     AOPC; higher is better for a MoRF curve."""
     curve = jnp.asarray(curve)
+    if curve.ndim != 2:
+        raise ValueError(f"jaxlrp.evaluate.aopc: expected a curve of shape (batch, steps + 1), got {curve.shape}.")
     return jnp.mean(curve[:, :1] - curve, axis=1)
 
 
@@ -152,16 +171,24 @@ def abpc(morf: jax.Array, lerf: jax.Array) -> jax.Array:
     morf, lerf = jnp.asarray(morf), jnp.asarray(lerf)
     if morf.shape != lerf.shape:
         raise ValueError(f"jaxlrp.evaluate.abpc: the MoRF curve {morf.shape} and the LeRF curve {lerf.shape} differ.")
+    if morf.ndim != 2:
+        raise ValueError(f"jaxlrp.evaluate.abpc: expected curves of shape (batch, steps + 1), got {morf.shape}.")
     return jnp.mean(lerf - morf, axis=1)
 
 
 def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
     """Spearman's rank correlation per sample between `a` and `b` of shape `(batch, ...)`, ties
-    given their average rank (as `scipy.stats.spearmanr`); NaN where a map is constant."""
+    given their average rank (as `scipy.stats.spearmanr`); NaN where a map is constant or holds
+    NaN (scipy's `nan_policy="propagate"`; ±Inf rank as the extremes they are)."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    ra, rb = _ranks(a.reshape(a.shape[0], -1)), _ranks(b.reshape(b.shape[0], -1))
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"jaxlrp.evaluate.spearman: expected two maps of one shape (batch, ...), got {a.shape} and {b.shape}.")
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
-    return (ra * rb).sum(axis=1) / jnp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    rho = (ra * rb).sum(axis=1) / jnp.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    nan = jnp.any(jnp.isnan(a), axis=1) | jnp.any(jnp.isnan(b), axis=1)
+    return jnp.where(nan, jnp.nan, rho)
 
 
 class Randomization(NamedTuple):
@@ -204,9 +231,12 @@ def randomization_test(
         keeps its values (scales stay positive) and destroys what was learned. Arrays that are
         not floating point (an NNX RNG key or count) are kept.
       absolute: compare `|R|` instead of `R` (Adebayo et al. report both).
-      relevance: the original maps, if already computed (else `explain(variables, x, target=target)`).
+      relevance: the original maps, if already computed (else `explain(variables, x, target=target)`,
+        called before the steps, so that `explain` checks the input and the target when they
+        are concrete). Concrete original maps holding NaN or Inf are an error.
 
-    All steps run in one compiled call (`jax.lax.map` over the steps).
+    All steps run in one compiled call (`jax.lax.map` over the steps). A step whose map holds
+    NaN gets a NaN correlation for that sample.
     """
     paths = [_key_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
     groups = [_group(path, variables) for path in paths]
@@ -216,6 +246,11 @@ def randomization_test(
     unknown = [name for name in layers if name not in known]
     if unknown:
         raise ValueError(f"jaxlrp.evaluate.randomization_test: unknown layer(s) {unknown}; the layers are {known}.")
+    if relevance is None and not _eager.is_traced((variables, x, target)):
+        relevance = explain(variables, x, target=target)  # eager: explain's own input and target checks
+    if relevance is not None:
+        for leaf in jax.tree.leaves(relevance):
+            _check_finite(leaf, "randomization_test", "the original relevance")
     top_down = tuple(reversed(list(layers)))
     step_of = tuple(top_down.index(g) if g in top_down else -1 for g in groups)
     correlation = _randomization(
@@ -279,6 +314,10 @@ def sweep(
     state is read). `target` and `output` (what is explained of the model's output, also what
     the perturbation curves read) as in `jaxlrp.lrp`, keyword-only.
 
+    The grid must name at least one hyperparameter, each with at least one finite value; a
+    target outside `[0, classes)` and an input holding NaN or Inf are errors. A point whose
+    maps hold NaN scores NaN and is never the best; if every point scores NaN, that is an error.
+
     Example::
 
         result = evaluate.sweep(
@@ -292,12 +331,21 @@ def sweep(
     if stateful and variables is not None:
         raise ValueError("jaxlrp.evaluate.sweep: for an NNX module pass variables=None (its state is read).")
     others, x = binding.split((x,) if stateful else (variables, x))
+    values = _grid_values(grid)
     names = list(grid)
-    values = [np.asarray(grid[name], dtype=np.float64).reshape(-1) for name in names]
+    if points_per_call is not None and (not _is_int(points_per_call) or points_per_call < 1):
+        raise ValueError(f"jaxlrp.evaluate.sweep: points_per_call must be None or an int >= 1, got {points_per_call!r}.")
     points = np.array(list(itertools.product(*values))).reshape(-1, len(names))
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        _check_finite(x, "sweep", "the input")
     if target is None:
         target = jnp.argmax(binding.apply(others, x, {}), axis=-1)
+    else:
+        out = jax.eval_shape(lambda o, x: binding.apply(o, x, {}), others, x)
+        classes = int(np.prod(out.shape[1:])) if len(out.shape) > 1 else None
+        if classes is not None:
+            target = _checked_target(target, x.shape[0], classes, "sweep")
     dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
     @jax.jit
@@ -318,6 +366,10 @@ def sweep(
 
     result = scores(jnp.asarray(points, dtype), others, x, target)
     shaped = result.reshape([len(v) for v in values])
+    if bool(jnp.all(jnp.isnan(result))):
+        raise ValueError(
+            f"jaxlrp.evaluate.sweep: every grid point scored NaN (its maps or curves hold NaN); the grid was {dict(grid)}."
+        )
     best = points[int(jnp.nanargmax(result))]
     return Sweep(shaped, {name: float(v) for name, v in zip(names, best)}, dict(grid))
 
@@ -378,11 +430,75 @@ def _fill(x, baseline, key) -> jax.Array:
 
 
 def _pick(out, target) -> jax.Array:
-    """The explained output per sample."""
+    """The explained output per sample; NaN for a (traced) class outside `[0, classes)`, never
+    another class's output (negative indices would wrap around)."""
     if out.ndim == 1:
         return out
+    flat = out.reshape(out.shape[0], -1)
     target = jnp.broadcast_to(jnp.asarray(target), out.shape[:1])
-    return jnp.take_along_axis(out.reshape(out.shape[0], -1), target[:, None], axis=1)[:, 0]
+    picked = jnp.take_along_axis(flat, jnp.clip(target, 0, flat.shape[1] - 1)[:, None], axis=1)[:, 0]
+    if not jnp.issubdtype(picked.dtype, jnp.inexact):
+        return picked
+    return jnp.where((target >= 0) & (target < flat.shape[1]), picked, jnp.nan)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_finite(value, caller: str, what: str) -> None:
+    """An error if `value` is concrete and holds NaN or Inf (a traced value cannot be checked)."""
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.inexact) or not _checks.is_concrete(value):
+        return
+    with jax.ensure_compile_time_eval():
+        bad = int(jnp.sum(~jnp.isfinite(value)))
+    if bad:
+        raise ValueError(
+            f"jaxlrp.evaluate.{caller}: {what} holds NaN or Inf ({bad} of {value.size} values); expected finite "
+            f"values. Find where they come from (an input with NaN, a rule with epsilon 0) and clean them first."
+        )
+
+
+def _checked_target(target, batch: int, classes: int, caller: str) -> jax.Array:
+    """`target` as an int array of shape `()` or `(batch,)`; a concrete class outside `[0, classes)` is an error."""
+    target = jnp.asarray(target)
+    if not jnp.issubdtype(target.dtype, jnp.integer) or target.shape not in ((), (batch,)):
+        raise ValueError(
+            f"jaxlrp.evaluate.{caller}: target must be a class index per sample, an int array of shape () or "
+            f"({batch},); got {target.dtype}{list(target.shape)}."
+        )
+    if _checks.is_concrete(target):
+        with jax.ensure_compile_time_eval():
+            t = np.asarray(target)
+        if np.any(t < 0) or np.any(t >= classes):
+            wrong = sorted(set(np.atleast_1d(t)[(np.atleast_1d(t) < 0) | (np.atleast_1d(t) >= classes)].tolist()))
+            raise ValueError(
+                f"jaxlrp.evaluate.{caller}: target classes must lie in [0, {classes}) for an output of "
+                f"{classes} classes; got {wrong}."
+            )
+    return target
+
+
+def _grid_values(grid) -> list[np.ndarray]:
+    """The grid's value lists as float64 vectors; an empty grid, an empty list or a non-finite value is an error."""
+    if not isinstance(grid, Mapping) or not grid:
+        raise ValueError(
+            f"jaxlrp.evaluate.sweep: grid must map at least one hyperparameter name to its values, e.g. "
+            f"{{'gamma': [0.1, 0.25]}}; got {grid!r}."
+        )
+    values = []
+    for name, given in grid.items():
+        if not isinstance(name, str):
+            raise ValueError(f"jaxlrp.evaluate.sweep: the grid's names must be strings (make_composite's keywords), got {name!r}.")
+        try:
+            v = np.asarray(given, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(f"jaxlrp.evaluate.sweep: the values of {name!r} must be numbers, got {given!r}.") from None
+        if v.size == 0 or not np.all(np.isfinite(v)):
+            raise ValueError(f"jaxlrp.evaluate.sweep: {name!r} needs at least one value, all finite; got {given!r}.")
+        values.append(v)
+    return values
 
 
 def _ranks(values) -> jax.Array:

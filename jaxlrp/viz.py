@@ -20,7 +20,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "curves", "grid", "heatmap", "image", "overlay", "save_png", "text_heatmap"]
+__all__ = ["COLORMAPS", "NAN_COLOUR", "curves", "grid", "heatmap", "image", "overlay", "save_png", "text_heatmap"]
+
+NAN_COLOUR: tuple[int, int, int] = (255, 0, 255)
+"""Magenta: the colour of a NaN or ±Inf pixel in `heatmap`, `image` and `overlay`, a colour no
+colour map of `COLORMAPS` reaches, so a broken pixel is never mistaken for a relevance value."""
 
 COLORMAPS: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
     # (position in [0, 1], RGB) anchors, linear in between. The diverging maps are white
@@ -55,53 +59,72 @@ def heatmap(
 
     Colour maps: `COLORMAPS` (`bwr`, `seismic`, `coldnhot`, `gray`, `hot`). A map that is zero
     everywhere gets the centre colour (symmetric) or the bottom colour.
+
+    Pixels that are NaN or ±Inf (after `reduce`: a pixel with any such channel) are drawn in
+    `NAN_COLOUR` (magenta); the scale is set by the finite pixels alone, so one broken pixel
+    does not spoil the rest of its map.
     """
-    r = np.asarray(relevance, dtype=np.float64)
-    if reduce == "sum":
-        r = r.sum(axis=-1)
-    elif reduce == "absmax":
-        r = np.take_along_axis(r, np.abs(r).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    elif reduce is not None:
-        raise ValueError(f"jaxlrp.viz.heatmap: reduce must be None, 'sum' or 'absmax', got {reduce!r}.")
+    r = _reduced(relevance, reduce, "heatmap")
     if r.ndim < 2:
         raise ValueError(f"jaxlrp.viz.heatmap: expected maps of shape (..., H, W), got {r.shape}.")
     if not level > 0:
         raise ValueError(f"jaxlrp.viz.heatmap: level must be positive, got {level}.")
+    finite = np.isfinite(r)
+    r = np.where(finite, r, 0.0)
     if symmetric:
         scale = level * np.abs(r).max(axis=(-2, -1), keepdims=True)
         v = 0.5 + 0.5 * np.clip(np.divide(r, scale, out=np.zeros_like(r), where=scale > 0), -1, 1)
     else:
-        low = r.min(axis=(-2, -1), keepdims=True)
-        span = level * (r.max(axis=(-2, -1), keepdims=True) - low)
+        low = np.where(finite, r, np.inf).min(axis=(-2, -1), keepdims=True)
+        high = np.where(finite, r, -np.inf).max(axis=(-2, -1), keepdims=True)
+        low, high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)  # no finite pixel
+        span = level * (high - low)
         v = np.clip(np.divide(r - low, span, out=np.zeros_like(r), where=span > 0), 0, 1)
-    return _colour(v, cmap)
+    return np.where(finite[..., None], _colour(v, cmap), np.array(NAN_COLOUR, np.uint8))
 
 
 def image(x, invert: bool = False) -> np.ndarray:
-    """An input image `(H, W)`, `(H, W, 1)` or `(H, W, 3)` to uint8 RGB, scaled to its own range;
-    `invert` for dark strokes on white (digits)."""
+    """An input image `(H, W)`, `(H, W, 1)` or `(H, W, 3)` to uint8 RGB, scaled to the range of
+    its finite values; `invert` for dark strokes on white (digits). A pixel with a NaN or ±Inf
+    channel is drawn in `NAN_COLOUR` (magenta)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
-    low, high = x.min(), x.max()
-    v = (x - low) / (high - low) if high > low else np.zeros_like(x)
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] == 3)):
+        raise ValueError(f"jaxlrp.viz.image: expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {x.shape}.")
+    finite = np.isfinite(x) if x.ndim == 2 else np.isfinite(x).all(axis=-1)
+    values = x[finite] if x.ndim == 2 else x[finite].reshape(-1)
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    v = np.clip((x - low) / (high - low), 0, 1) if high > low else np.zeros_like(x)
     v = 1 - v if invert else v
     rgb = v if x.ndim == 3 else np.repeat(v[..., None], 3, axis=-1)
-    return np.round(255 * rgb).astype(np.uint8)
+    rgb = np.where(finite[..., None], rgb, 0.0)
+    return np.where(finite[..., None], np.round(255 * rgb).astype(np.uint8), np.array(NAN_COLOUR, np.uint8))
 
 
 def overlay(x, relevance, cmap: str = "bwr", alpha: float = 0.8, level: float = 1.0, reduce: str | None = None) -> np.ndarray:
-    """The heatmap of `relevance` `(H, W)` over a grey version of the image `x`: each pixel's
-    heat colour is blended in with weight `alpha · |R| / (level · max|R|)`, so the image shows
-    where relevance is zero."""
-    r = np.asarray(relevance, dtype=np.float64)
-    if reduce == "sum":
-        r = r.sum(axis=-1)
+    """The heatmap of `relevance` `(H, W)` (`(H, W, C)` with `reduce`, as in `heatmap`) over a
+    grey version of the image `x` of the same height and width: each pixel's heat colour is
+    blended in with weight `alpha · |R| / (level · max|R|)`, so the image shows where relevance
+    is zero. The maximum is over the finite pixels; a pixel whose relevance or image is NaN or
+    ±Inf is drawn in `NAN_COLOUR` (magenta), unblended."""
+    r = _reduced(relevance, reduce, "overlay")
+    shown = image(x)
+    if r.shape != shown.shape[:2]:
+        raise ValueError(
+            f"jaxlrp.viz.overlay: expected relevance of the image's height and width {shown.shape[:2]} "
+            f"(after reduce), got {r.shape}."
+        )
     heat = heatmap(r, cmap, True, level).astype(np.float64)
-    grey = image(x).astype(np.float64).mean(axis=-1, keepdims=True)
-    scale = level * np.abs(r).max()
-    weight = alpha * (np.clip(np.abs(r) / scale, 0, 1) if scale > 0 else np.zeros_like(r))[..., None]
-    return np.round((1 - weight) * grey + weight * heat).astype(np.uint8)
+    grey = shown.astype(np.float64).mean(axis=-1, keepdims=True)
+    finite = np.isfinite(r)
+    magnitude = np.where(finite, np.abs(r), 0.0)
+    scale = level * magnitude.max()
+    weight = alpha * (np.clip(magnitude / scale, 0, 1) if scale > 0 else np.zeros_like(r))[..., None]
+    blended = np.round((1 - weight) * grey + weight * heat).astype(np.uint8)
+    x = np.asarray(x, dtype=np.float64)
+    broken = ~finite | ~(np.isfinite(x) if x.ndim == 2 else np.isfinite(x).all(axis=-1))
+    return np.where(broken[..., None], np.array(NAN_COLOUR, np.uint8), blended)
 
 
 def grid(
@@ -111,9 +134,11 @@ def grid(
     cell: int = 64,
     pad: int = 4,
 ) -> np.ndarray:
-    """Tiles images (uint8 `(H, W, 3)` or `(H, W)`) into one uint8 RGB picture: one row per
-    entry of `rows`, each image scaled to `cell` pixels (nearest neighbour), with labels above
-    the columns and left of the rows."""
+    """Tiles images (`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)`, the alpha dropped;
+    uint8, or as `save_png` reads them: integers in 0..255, floats in [0, 1]) into one uint8
+    RGB picture: one row per entry of `rows`, each image scaled to `cell` pixels (nearest
+    neighbour), with labels above the columns and left of the rows. A float tile holding NaN or
+    values outside [0, 1] is an error (make it with `image` or `heatmap`, which colour NaN)."""
     Image, ImageDraw = _pillow()
     n_cols = max(len(row) for row in rows)
     top = 16 if column_labels else 0
@@ -129,10 +154,12 @@ def grid(
         if row_labels:
             draw.text((2, y + cell // 2 - 5), row_labels[r], fill="black")
         for c, picture in enumerate(row):
-            picture = np.asarray(picture)
+            picture = _as_uint8(picture, "grid", f"the tile in row {r}, column {c}")
             if picture.ndim == 2:
-                picture = np.repeat(picture[..., None], 3, axis=-1)
-            tile = Image.fromarray(picture.astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+                picture = picture[..., None]
+            if picture.shape[-1] == 1:
+                picture = np.repeat(picture, 3, axis=-1)
+            tile = Image.fromarray(picture[..., :3].copy()).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (left + pad + c * (cell + pad), y))
     return np.asarray(canvas)
 
@@ -146,15 +173,17 @@ def curves(
 ) -> np.ndarray:
     """A line plot as uint8 RGB, drawn with Pillow: one line per entry `name -> values` (e.g. the
     mean MoRF and LeRF curves of each method, its ABPC in the name), x from 0 to the number of
-    steps, with axes, ticks and a legend."""
+    steps, with axes, ticks and a legend. NaN and ±Inf values are left out (the line breaks
+    there; a NaN curve from `evaluate.region_perturbation` draws nothing) and the axis spans the
+    finite values."""
     Image, ImageDraw = _pillow()
     width, height = size
     names = list(lines)
     values = [np.asarray(lines[n], dtype=np.float64).reshape(-1) for n in names]
     legend_width = 12 + 6 * max(len(n) for n in names) + 24
     x0, y0, x1, y1 = 56, 28, width - legend_width - 12, height - 40
-    low = min(v.min() for v in values)
-    high = max(v.max() for v in values)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
     low, high = (low - 0.5, high + 0.5) if high == low else (low, high)
     steps = max(len(v) for v in values) - 1
     canvas = Image.new("RGB", size, "white")
@@ -180,7 +209,7 @@ def curves(
         dashed = i >= len(_LINE_COLOURS)
         points = [at(k, value) for k, value in enumerate(v)]
         for j, segment in enumerate(zip(points[:-1], points[1:])):
-            if not (dashed and j % 2):
+            if not (dashed and j % 2) and np.isfinite(v[j : j + 2]).all():
                 draw.line(segment, fill=colour, width=2)
         ly = y0 + 6 + 14 * i
         draw.line((x1 + 16, ly + 5, x1 + 34, ly + 5), fill=colour, width=2)
@@ -189,9 +218,14 @@ def curves(
 
 
 def save_png(path, picture: np.ndarray) -> None:
-    """Writes a uint8 `(H, W, 3)` (or `(H, W)`) array as a PNG file."""
+    """Writes one picture, `(H, W)`, `(H, W, 1)` (grey), `(H, W, 3)` (RGB) or `(H, W, 4)`
+    (RGBA), as a PNG file. uint8 values are written as they are, other integers must lie in
+    0..255, floats in [0, 1] are scaled to 0..255 (rounded). Float values outside [0, 1], NaN
+    or Inf, other dtypes and other shapes (a batch: pass one picture, or tile them with `grid`)
+    are errors, nothing is clipped and nothing is written."""
+    picture = _as_uint8(picture, "save_png", "the picture")
     Image, _ = _pillow()
-    Image.fromarray(np.asarray(picture, dtype=np.uint8)).save(path, format="PNG")
+    Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[-1] == 1 else picture).save(path, format="PNG")
 
 
 def text_heatmap(tokens: Sequence[str], relevance) -> str:
@@ -206,7 +240,7 @@ def text_heatmap(tokens: Sequence[str], relevance) -> str:
     """
     relevance = np.asarray(relevance, dtype=np.float64).reshape(-1)
     if len(tokens) != relevance.size:
-        raise ValueError(f"text_heatmap: {len(tokens)} tokens but {relevance.size} relevance values.")
+        raise ValueError(f"jaxlrp.viz.text_heatmap: {len(tokens)} tokens but {relevance.size} relevance values.")
     colours = heatmap(relevance[None])[0]
     spans = "".join(
         f'<span title="{value:.4g}" style="background:rgb({r},{g},{b})">{html.escape(token)}</span>'
@@ -221,6 +255,50 @@ def text_heatmap(tokens: Sequence[str], relevance) -> str:
 
 _LINE_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189),
                  (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _reduced(relevance, reduce, caller: str) -> np.ndarray:
+    """The relevance as float64, its trailing channel axis reduced by `"sum"` or `"absmax"` (a
+    NaN channel makes the pixel NaN either way)."""
+    r = np.asarray(relevance, dtype=np.float64)
+    if reduce is None:
+        return r
+    if reduce not in ("sum", "absmax") or r.ndim < 1:
+        raise ValueError(f"jaxlrp.viz.{caller}: reduce must be None, 'sum' or 'absmax', got {reduce!r}.")
+    if reduce == "sum":
+        return r.sum(axis=-1)
+    picked = np.take_along_axis(r, np.nan_to_num(np.abs(r), nan=-1.0).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    return np.where(np.isnan(r).any(axis=-1), np.nan, picked)
+
+
+def _as_uint8(picture, caller: str, what: str) -> np.ndarray:
+    """One picture `(H, W)` or `(H, W, 1 | 3 | 4)` as uint8: uint8 as it is, integers in 0..255,
+    floats in [0, 1] times 255, rounded; anything else an error naming `caller`."""
+    a = np.asarray(picture)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or 0 in a.shape:
+        raise ValueError(
+            f"jaxlrp.viz.{caller}: expected {what} of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got "
+            f"{a.shape}; a batch is written one picture at a time, or tiled with viz.grid."
+        )
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.integer) and not np.issubdtype(a.dtype, np.bool_):
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"jaxlrp.viz.{caller}: expected {what}'s integers in 0..255, got values in [{a.min()}, {a.max()}].")
+        return a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(
+                f"jaxlrp.viz.{caller}: {what} holds NaN or Inf ({int(np.sum(~np.isfinite(a)))} values); expected "
+                f"floats in [0, 1]. Colour it with viz.heatmap or viz.image, which draw them in NAN_COLOUR."
+            )
+        if a.min() < 0 or a.max() > 1:
+            raise ValueError(
+                f"jaxlrp.viz.{caller}: expected {what}'s floats in [0, 1] (or uint8 in 0..255), got values in "
+                f"[{a.min():.6g}, {a.max():.6g}]; nothing is clipped: scale it first (viz.image does)."
+            )
+        return np.round(a.astype(np.float64) * 255).astype(np.uint8)
+    raise ValueError(f"jaxlrp.viz.{caller}: expected {what} as uint8, integers in 0..255 or floats in [0, 1], got dtype {a.dtype}.")
 
 
 def _colour(v: np.ndarray, cmap: str) -> np.ndarray:
