@@ -209,24 +209,38 @@ def call_form(binding: Binding, method: Callable) -> Callable:
     target, **kwargs) -> (output, result)`, the arguments split by `binding`.
 
     Outside a JAX transformation the call is compiled once per signature (see `_eager`), and the
-    explained input (finite floats or integer ids) and an integer target (a class of the output)
-    are checked; under a transformation these would see tracers."""
-    jitted = _eager.jit_when_eager(method)
+    explained input (finite floats or integer ids), an integer target (a class of the output) and,
+    where the result is not finite, the weights are checked; the finiteness flags are computed in
+    the compiled call itself. Under a transformation these would see tracers."""
+
+    def checked(others, x, *, target=None, **kwargs):
+        out, result = method(others, x, target=target, **kwargs)
+        return out, result, (_checks.all_finite(x), _checks.all_finite(result))
+
+    jitted = _eager.jit_when_eager(checked)
 
     def explain(*args, target=None, **kwargs):
         others, x = binding.split(args)
         if _eager.is_traced((others, x, target, kwargs)):
             return method(others, x, target=target, **kwargs)
         for leaf in jax.tree.leaves(x):
-            _checks.check_input(leaf)
+            _checks.check_input(leaf, values=False)
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
-        out, result = jitted(others, x, target=target, **kwargs)
+        out, result, (input_finite, result_finite) = jitted(others, x, target=target, **kwargs)
+        if _eager.is_traced((input_finite, result_finite)):  # a traced hyperparameter closed over (vmap)
+            for leaf in jax.tree.leaves(x):
+                _checks.check_input(leaf)  # the input itself is concrete: checked here
+            return out, result
+        if not input_finite:
+            _checks.raise_non_finite_input()
         if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim:
             _checks.check_classes(target, out.shape[-1])
-        _checks.check_weights_if_not_finite(result, others)
+        if not result_finite:
+            _checks.raise_for_weights(others)
         return out, result
 
+    explain.clear_cache, explain.cache_size = jitted.clear_cache, jitted.cache_size
     explain.jaxlrp_description = getattr(method, "jaxlrp_description", None)
     return explain
 
@@ -239,6 +253,8 @@ def result_only(with_output: Callable) -> Callable:
         return with_output(*args, **kwargs)[1]
 
     explain.with_output = with_output  # explain_dataset checks targets against the output's classes
+    if hasattr(with_output, "clear_cache"):
+        explain.clear_cache, explain.cache_size = with_output.clear_cache, with_output.cache_size
     return explain
 
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_input(x) -> None:
+def check_input(x, values: bool = True) -> None:
+    """An error for an input that is not floats or integer ids, or is empty; with `values`, for a
+    concrete float input holding NaN or Inf."""
     dtype = jnp.result_type(x)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(
@@ -21,24 +23,30 @@ def check_input(x) -> None:
             f"jaxlrp: the explained input has no values (shape {tuple(jnp.shape(x))}); there is nothing to "
             "explain. Skip empty batches (jaxlrp.explain_dataset never makes one)."
         )
-    if jnp.issubdtype(dtype, jnp.floating) and is_concrete(x):
+    if values and jnp.issubdtype(dtype, jnp.floating) and is_concrete(x):
         with jax.ensure_compile_time_eval():  # evaluated now, even inside an outer jit
             finite = bool(jnp.all(jnp.isfinite(x)))
         if not finite:
-            raise ValueError(
-                "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
-                "Clean the input first (under jit this cannot be checked and NaN propagates)."
-            )
+            raise_non_finite_input()
 
 
-def check_weights_if_not_finite(result, weights) -> None:
-    """An error naming the non-finite weights when a concrete result is not finite and they are
-    why (the input was checked before); costs one reduction over the result when it is finite."""
-    floats = [leaf for leaf in jax.tree.leaves(result) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    if not floats or not all(is_concrete(leaf) for leaf in floats):
-        return
-    if all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in floats):
-        return
+def raise_non_finite_input():
+    raise ValueError(
+        "jaxlrp: the input holds NaN or Inf, which would make the whole relevance map NaN. "
+        "Clean the input first (under jit this cannot be checked and NaN propagates)."
+    )
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every float leaf of `tree` is finite, as a traceable boolean scalar."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def raise_for_weights(weights) -> None:
+    """An error naming the weights that hold NaN or Inf, if any do (called once a concrete
+    result was found not finite, to say why)."""
     bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(weights)[0]
            if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
            and is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf)))]

@@ -415,6 +415,33 @@ def test_eager_calls_compile_once_per_signature():
         explain(params, x.at[0, 0].set(jnp.nan))
 
 
+def test_eager_cache_keeps_the_most_recent_signatures(monkeypatch):
+    from jaxlrp import _eager
+
+    monkeypatch.setattr(_eager, "CACHE_SIZE", 3)
+    traces = []
+
+    def fn(params, x):
+        traces.append(x.shape)
+        return jnp.tanh(x @ params)
+
+    explain = jaxlrp.lrp_fn(fn, composites.EpsilonPlus())
+    params = jnp.ones((2, 3))
+    for rows in (1, 2, 3, 4):  # four shapes: the first is dropped
+        explain(params, jnp.ones((rows, 2)))
+    assert explain.cache_size() == 3 and len(traces) == 4
+    explain(params, jnp.ones((2, 2)))  # kept: no trace; now the most recent
+    explain(params, jnp.ones((5, 2)))  # drops (3, 2), the least recently used
+    explain(params, jnp.ones((2, 2)))
+    assert len(traces) == 5
+    explain(params, jnp.ones((3, 2)))
+    assert len(traces) == 6
+    explain.clear_cache()
+    assert explain.cache_size() == 0
+    np.testing.assert_allclose(explain(params, jnp.ones((2, 2))), jax.jit(explain)(params, jnp.ones((2, 2))))
+    assert len(traces) == 8 and explain.cache_size() == 1  # traced again, and by jax.jit
+
+
 def test_eager_nnx_module_reads_the_current_weights():
     from flax import nnx
 
