@@ -117,7 +117,7 @@ def explain_dataset(
     kvstore, where = _store.location(out, context)
 
     args = () if variables is None else (replicated(variables, sharding),)
-    compiled, shapes, structure, program = _compile(explain, args, x, targets, batch_size, sharding)
+    traced, shapes, structure, program = _trace(explain, args, x, targets, batch_size, sharding)
     layout = {
         "rows": n,
         "chunk_rows": chunk_rows,
@@ -138,6 +138,7 @@ def explain_dataset(
         store = _prepared(kvstore, where, context, layout, provenance, overwrite)
         done = _trusted(store, x, targets, sharding, batch_size)
         starts = pending(range(0, n, batch_size), done, chunk_rows, shards, n)
+        compiled = traced.lower().compile() if starts else None  # a finished store compiles nothing
         batches = run_batches(compiled, args, x, targets, starts, batch_size, n, sharding, progress, "explaining",
                                digest=True)
         writer = _Writer(store, done, lease if jax.process_index() == 0 else None)
@@ -210,9 +211,10 @@ def _description(explain) -> str:
     return f"{getattr(explain, '__module__', '?')}.{getattr(explain, '__qualname__', type(explain).__name__)}"
 
 
-def _compile(explain, args, x, targets, batch_size: int, sharding):
-    """`(compiled, {name: shape of a batch}, structure of the result, (program, constants) digests)`:
-    `explain` on one batch, with each row's `RowStatus`, traced and compiled once."""
+def _trace(explain, args, x, targets, batch_size: int, sharding):
+    """`(traced, {name: shape of a batch}, structure of the result, (program, constants) digests)`:
+    `explain` on one batch, with each row's `RowStatus`, traced once (`traced.lower().compile()`
+    compiles it)."""
     with_output = getattr(explain, "with_output", None)
     spec = _batch_spec(x, batch_size, sharding)
     target_spec = None if targets is None else _batch_spec(targets, batch_size, sharding)
@@ -237,7 +239,7 @@ def _compile(explain, args, x, targets, batch_size: int, sharding):
 
     traced = jax.jit(body, out_shardings=sharding).trace(*args, spec, target_spec)
     shapes = {name: tuple(info.shape) for name, info in traced.out_info[0].items()}
-    return traced.lower().compile(), shapes, structure, _digest.of_program(traced.jaxpr)
+    return traced, shapes, structure, _digest.of_program(traced.jaxpr)
 
 
 def _batch_spec(source, batch_size: int, sharding) -> jax.ShapeDtypeStruct:
