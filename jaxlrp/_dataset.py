@@ -27,7 +27,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxlrp import _digest, _store, _warn
 from jaxlrp._batches import batch_sharding, pending, replicated, run_batches
 from jaxlrp._hooks import Explanation
-from jaxlrp._lease import KEY as LEASE_KEY, Lease, LeaseHeld
+from jaxlrp._lease import KEY as LEASE_KEY, Lease
 from jaxlrp._store import RowStatus
 
 __all__ = ["CorruptChunkWarning", "InvalidRowsWarning", "explain_dataset"]
@@ -133,7 +133,7 @@ def explain_dataset(
     }
 
     lease = Lease(kvstore, where)
-    _agree(lambda: lease.acquire(), "lease")
+    _agree(lease.acquire, "take the store's lease")
     try:
         store = _prepared(kvstore, where, context, layout, provenance, overwrite)
         done = _trusted(store, x, targets, sharding, batch_size)
@@ -141,9 +141,12 @@ def explain_dataset(
         compiled = traced.lower().compile() if starts else None  # a finished store compiles nothing
         batches = run_batches(compiled, args, x, targets, starts, batch_size, n, sharding, progress, "explaining",
                                digest=True)
-        writer = _Writer(store, done, lease if jax.process_index() == 0 else None)
+        writer = _Writer(store, done)
+        holding = (lambda: None) if jax.process_index() else lease.check
         for start, (named, status), digests in batches:
+            _agree(holding, "hold the store's lease")  # a lost lease stops every process before its next batch
             writer.submit(start, named, status, digests)
+        _agree(holding, "hold the store's lease")
         writer.finish()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxlrp.explain_dataset: written")
@@ -160,12 +163,12 @@ def _agree(step: Callable, label: str) -> None:
     if jax.process_index() == 0:
         try:
             step()
-        except LeaseHeld as e:
+        except Exception as e:  # noqa: BLE001 (re-raised below, on every process)
             error = e
     if jax.process_count() > 1:
         failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
         if failed and error is None:
-            error = LeaseHeld(f"{WHO}: process 0 could not take the store's lease ({label}); see its error.")
+            error = RuntimeError(f"{WHO}: process 0 failed to {label}; see its error.")
     if error is not None:
         raise error
 
@@ -207,7 +210,7 @@ def _version(package: str) -> str:
 def _description(explain) -> str:
     described = getattr(explain, "jaxlrp_description", None)
     if described is not None:
-        return described
+        return _digest.without_addresses(described)
     return f"{getattr(explain, '__module__', '?')}.{getattr(explain, '__qualname__', type(explain).__name__)}"
 
 
@@ -229,7 +232,7 @@ def _trace(explain, args, x, targets, batch_size: int, sharding):
         named = _named(result)
         structure["result"] = jax.tree.structure(result, is_leaf=lambda leaf: leaf is None)
         structure["kind"] = _kind(result)
-        named = _rows_first(named, batch.shape[0])
+        named = _rows_first(named, batch.shape[0], many=named.get("relevance", batch).ndim == batch.ndim + 1)
         if output is None and "output" in named:
             output = named["output"]
         status = _row_status(batch, target, output, named)
@@ -273,13 +276,14 @@ def _named(result) -> dict:
     )
 
 
-def _rows_first(named: dict, rows: int) -> dict:
-    """The many-targets axis `K` (leading, as `jaxlrp.lrp` returns it) moved behind the rows."""
+def _rows_first(named: dict, rows: int, many: bool) -> dict:
+    """With many targets (the relevance one rank above the input), the targets' axis `K`, leading
+    as `jaxlrp.lrp` returns it, moved behind the rows of every result but the per-sample ones
+    (`output`, `activations/...`)."""
     moved = {}
     for name, value in named.items():
         if not isinstance(value, jax.Array) or value.ndim == 0:
             raise TypeError(f"{WHO}: explain's result '{name}' is not an array with a row per sample.")
-        many = value.ndim >= 2 and value.shape[0] != rows and value.shape[1] == rows
         if many and not name.startswith(_PER_SAMPLE):
             value = jnp.moveaxis(value, 0, 1)
         if value.shape[0] != rows:
@@ -337,14 +341,8 @@ def _rebuilt(structure: dict, arrays: dict):
 def _prepared(kvstore, where: str, context, layout: dict, provenance: dict, overwrite: bool):
     """The store at `out`: created if `out` is empty (or `overwrite`), else opened if it was
     written by a run with this layout and provenance, else an error saying what differs."""
-    import tensorstore as ts
-
-    if overwrite and jax.process_index() == 0:
-        lease = LEASE_KEY
-        kvstore.delete_range(ts.KvStore.KeyRange("", lease)).result()
-        kvstore.delete_range(ts.KvStore.KeyRange(lease + "\0", "")).result()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: cleared")
+    if overwrite:
+        _agree(lambda: _clear(kvstore), "clear `out` (overwrite=True)")
     found = _store.read_attributes(kvstore, where, WHO)
     if jax.process_count() > 1:  # every process has read the same state before process 0 creates
         multihost_utils.sync_global_devices("jaxlrp.explain_dataset: read")
@@ -356,13 +354,19 @@ def _prepared(kvstore, where: str, context, layout: dict, provenance: dict, over
                 "would mix two runs. Choose another `out`, or pass overwrite=True to discard it and start over."
             )
         return _store.open_store(kvstore, where, context, found)
-    if jax.process_index() == 0:
-        store = _store.create(kvstore, where, context, layout, provenance)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlrp.explain_dataset: created")
-        if jax.process_index() != 0:
-            store = _store.open_store(kvstore, where, context, _store.read_attributes(kvstore, where, WHO))
-    return store
+    created = {}
+    _agree(lambda: created.update(store=_store.create(kvstore, where, context, layout, provenance)), "create the store")
+    if "store" in created:
+        return created["store"]
+    return _store.open_store(kvstore, where, context, _store.read_attributes(kvstore, where, WHO))
+
+
+def _clear(kvstore) -> None:
+    """Deletes everything under `out` but the lease this run holds."""
+    import tensorstore as ts
+
+    kvstore.delete_range(ts.KvStore.KeyRange("", LEASE_KEY)).result()
+    kvstore.delete_range(ts.KvStore.KeyRange(LEASE_KEY + "\0", "")).result()
 
 
 def _trusted(store, x, targets, sharding, batch_size: int) -> set[int]:
@@ -423,36 +427,30 @@ class _Writer:
     """Writes each batch's chunks, and a chunk's status only once its arrays and digests are
     written: a status chunk that exists says the chunk is complete."""
 
-    def __init__(self, store, done: set[int], lease):
-        self.store, self.done, self.lease = store, done, lease
+    def __init__(self, store, done: set[int]):
+        self.store, self.done = store, done
         self.data: list = []  # futures of the previous batch's arrays and digests
         self.statuses: list = []  # (rows, values) of its status, written once `data` is
 
     def submit(self, start: int, named: dict, status: jax.Array, digests: dict) -> None:
         self._settle()
-        if self.lease is not None:
-            self.lease.check()
         store = self.store
-        for shard in status.addressable_shards:
-            rows = shard.index[0]
-            lo = start + (rows.start or 0)
-            hi = min(store.rows, start + (status.shape[0] if rows.stop is None else rows.stop))
-            c = lo // store.chunk_rows
-            if shard.replica_id != 0 or lo >= hi or c in self.done:
-                continue
-            self.statuses.append((lo, hi, np.asarray(shard.data)[: hi - lo]))
-            for d, digest in zip(store.digests, digests[lo]):
-                self.data.append(d[c : c + 1].write(np.frombuffer(digest, np.uint8)[None]))
-        for name, value in named.items():
-            target = store.arrays[name]
+        chunks: dict[int, dict] = {}  # first row: {name: rows}, this process's chunks of the batch
+        for name, value in {**named, _store.STATUS: status}.items():
             for shard in value.addressable_shards:
                 rows = shard.index[0]
                 lo = start + (rows.start or 0)
                 hi = min(store.rows, start + (value.shape[0] if rows.stop is None else rows.stop))
                 if shard.replica_id != 0 or lo >= hi or lo // store.chunk_rows in self.done:
                     continue
-                data = np.asarray(shard.data)[: hi - lo].astype(target.dtype.numpy_dtype)
-                self.data.append(target[lo:hi].write(data))
+                chunks.setdefault(lo, {})[name] = np.asarray(shard.data)[: hi - lo]
+        for lo, values in chunks.items():
+            c, hi = lo // store.chunk_rows, lo + len(values[_store.STATUS])
+            written = {n: values[n].astype(a.dtype.numpy_dtype) for n, a in store.arrays.items()}
+            self.data += [store.arrays[n][lo:hi].write(v) for n, v in written.items()]
+            for d, digest in zip(store.digests, (*digests[lo], _store.output_digest(written))):
+                self.data.append(d[c : c + 1].write(np.frombuffer(digest, np.uint8)[None]))
+            self.statuses.append((lo, hi, values[_store.STATUS]))
 
     def _settle(self) -> None:
         for future in self.data:

@@ -31,7 +31,7 @@ def of_tree(tree) -> str:
         if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
             h.update(of_arrays(_host_value(leaf)))
         else:
-            h.update(_without_addresses(repr(leaf)).encode())
+            h.update(without_addresses(repr(leaf)).encode())
     return h.hexdigest()
 
 
@@ -39,7 +39,7 @@ def of_program(closed_jaxpr) -> tuple[str, str]:
     """`(program, constants)`: the digest of a jaxpr's text (each operation, its parameters and
     literals: the model's structure, the rules and their Python-number hyperparameters) and of its
     constants (arrays closed over: a stateful NNX model's weights, hyperparameters given as arrays)."""
-    text = _without_addresses(str(closed_jaxpr.jaxpr))
+    text = without_addresses(str(closed_jaxpr.jaxpr))
     return hashlib.sha256(text.encode()).hexdigest(), of_tree(list(closed_jaxpr.consts))
 
 
@@ -53,6 +53,6 @@ def _host_value(leaf) -> np.ndarray:
     return np.asarray(leaf)
 
 
-def _without_addresses(text: str) -> str:
+def without_addresses(text: str) -> str:
     """`text` without memory addresses (`<function f at 0x7f...>`), which differ between processes."""
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)

@@ -47,7 +47,8 @@ def jit_when_eager(fn: Callable, size: int | None = None) -> Callable:
         traced = tuple(_is_array(leaf) for leaf in leaves)
         static = tuple(leaf for leaf, t in zip(leaves, traced) if not t)
         arrays = [leaf for leaf, t in zip(leaves, traced) if t]
-        key = (treedef, traced, static, tuple((a.shape, a.dtype) for a in arrays))
+        kinds = tuple(type(leaf) for leaf in static)  # 1, 1.0 and True are equal keys, not one program
+        key = (treedef, traced, static, kinds, tuple((a.shape, a.dtype) for a in arrays))
         try:
             jitted = compiled.get(key)
         except TypeError:  # an unhashable static leaf

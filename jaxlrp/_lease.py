@@ -4,9 +4,10 @@ The lease is one key, `jaxlrp.lease`, holding JSON (`owner`, `host`, `pid`, `hea
 and renewed with tensorstore's conditional writes (compare-and-swap on the key's storage
 generation), so two processes that race for it cannot both win, on a local disk or on any
 tensorstore key-value store. The holder renews the heartbeat every `RENEW_S` seconds from a
-daemon thread. A lease counts as abandoned, and is taken over, when its holder's process is gone
-(same host: the pid no longer runs) or its heartbeat is older than `EXPIRES_S` (another host): a
-killed run never leaves the store locked for longer than that.
+daemon thread. A lease counts as abandoned, and is taken over, when its heartbeat is older than
+`EXPIRES_S`, or at once when its holder ran on this host and its pid no longer runs: a killed run
+never leaves the store locked for longer than that. A holder that could not renew for
+`EXPIRES_S - RENEW_S` counts its lease lost and stops before its next batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Lease:
         self.kvstore, self.where = kvstore, where
         self.owner = uuid.uuid4().hex
         self.generation = None
+        self.renewed = 0.0
         self.lost = False
         self._stop = threading.Event()
         self._thread = None
@@ -56,12 +58,15 @@ class Lease:
                 f"jaxlrp.explain_dataset: another run took the lease of '{self.where}' at the same moment; "
                 "only one run writes to a store at a time."
             )
-        self.generation = written.generation
+        self.generation, self.renewed = written.generation, time.time()
         self._thread = threading.Thread(target=self._renew, name="jaxlrp-lease", daemon=True)
         self._thread.start()
 
     def check(self) -> None:
-        """Raises if the lease was lost (another run took it over while this one stalled)."""
+        """Raises if the lease was lost: another run took it over, or it was not renewed for so
+        long that another run may have."""
+        if time.time() - self.renewed > EXPIRES_S - RENEW_S:
+            self.lost = True
         if self.lost:
             raise LeaseHeld(
                 f"jaxlrp.explain_dataset: the lease of '{self.where}' was taken over by another run while this "
@@ -81,12 +86,17 @@ class Lease:
                            "heartbeat": time.time()}).encode()
 
     def _renew(self) -> None:
+        """Renews the heartbeat every `RENEW_S` s; a failed write (a storage error) is retried at
+        the next beat, and `check` calls the lease lost once none succeeded for too long."""
         while not self._stop.wait(RENEW_S):
-            written = self.kvstore.write(KEY, self._record(), if_equal=self.generation).result()
+            try:
+                written = self.kvstore.write(KEY, self._record(), if_equal=self.generation).result()
+            except Exception:  # noqa: BLE001 (retried; check() decides when it is too late)
+                continue
             if not written.generation:
                 self.lost = True
                 return
-            self.generation = written.generation
+            self.generation, self.renewed = written.generation, time.time()
 
 
 def _parse(value: bytes) -> dict | None:
@@ -99,7 +109,11 @@ def _parse(value: bytes) -> dict | None:
 
 
 def _alive(holder: dict) -> bool:
-    """Whether the lease's holder may still be writing."""
+    """Whether the lease's holder may still be writing: its heartbeat is recent and, on this host,
+    its process still runs (a pid that is gone frees the lease at once; a pid reused by another
+    process after a restart holds it only until the heartbeat expires)."""
+    if time.time() - float(holder["heartbeat"]) >= EXPIRES_S:
+        return False
     if holder.get("host") == socket.gethostname():
         try:
             os.kill(int(holder["pid"]), 0)
@@ -107,6 +121,4 @@ def _alive(holder: dict) -> bool:
             return False
         except (PermissionError, KeyError, ValueError, TypeError):
             pass
-        else:
-            return True
-    return time.time() - float(holder["heartbeat"]) < EXPIRES_S
+    return True

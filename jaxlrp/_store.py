@@ -13,7 +13,9 @@ Layout of `out`:
 * `status`: one `RowStatus` per row, written after the row's chunks are complete: a row is done
   when its status chunk is present and every chunk of it decodes.
 * `jaxlrp/input_digest`, `jaxlrp/target_digest`: per chunk, the SHA-256 of the input rows and the
-  targets it was computed from, against which a resume checks the data it is given.
+  targets it was computed from, against which a resume checks the data it is given;
+  `jaxlrp/output_digest`: of what was written there (every array's rows), so that a chunk file
+  replaced by another valid one is found too.
 * `jaxlrp.lease`: the writer's lease (see `_lease`).
 """
 
@@ -26,11 +28,13 @@ import os
 
 import numpy as np
 
+from jaxlrp import _digest
+
 __all__ = ["RowStatus", "StoreReport", "verify_dataset"]
 
 SCHEMA = 1
 STATUS = "status"
-DIGESTS = ("jaxlrp/input_digest", "jaxlrp/target_digest")
+DIGESTS = ("jaxlrp/input_digest", "jaxlrp/target_digest", "jaxlrp/output_digest")
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _READ_GROUP = 64  # chunks read at once while verifying
 
@@ -109,47 +113,62 @@ class Store:
     def chunk_slice(self, c: int) -> slice:
         return slice(c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows))
 
-    def present(self) -> set[int]:
-        """The chunks whose status and every array chunk exist (listed once)."""
-        keys = [k.decode() for k in self.kvstore.list().result()]
+    def listed(self) -> dict[str, set[int]]:
+        """`{array name: chunks whose file exists}`, listed once."""
         found: dict[str, set[int]] = {}
-        for key in keys:
-            head, sep, tail = key.rpartition("/c/")
+        for key in self.kvstore.list().result():
+            head, sep, tail = key.decode().rpartition("/c/")
             if sep and tail.split("/")[0].isdigit():
                 found.setdefault(head, set()).add(int(tail.split("/")[0]))
-        names = [*self.arrays, STATUS, *DIGESTS]
-        return set.intersection(*(found.get(name, set()) for name in names))
+        return found
+
+    def present(self, listed: dict | None = None) -> set[int]:
+        """The chunks whose status and every array chunk exist."""
+        listed = self.listed() if listed is None else listed
+        return set.intersection(*(listed.get(name, set()) for name in [*self.arrays, STATUS, *DIGESTS]))
 
     def corrupt(self, chunks) -> dict[int, str]:
-        """`{chunk: why}` for each of `chunks` where some array's chunk does not decode."""
+        """`{chunk: why}` for each of `chunks` where some array's chunk does not decode, or what
+        the arrays hold is not what was written there (its output digest differs)."""
         bad: dict[int, str] = {}
         chunks = sorted(chunks)
-        stores = {**self.arrays, STATUS: self.status, DIGESTS[0]: self.digests[0], DIGESTS[1]: self.digests[1]}
+        stores = {**self.arrays, STATUS: self.status, **dict(zip(DIGESTS, self.digests))}
         for i in range(0, len(chunks), _READ_GROUP):
             group = chunks[i : i + _READ_GROUP]
-            reads = [(c, name, _chunk_of(store, c, self, name)) for c in group for name, store in stores.items()]
-            for c, name, future in reads:
+            reads = {(c, name): _chunk_of(store, c, self, name) for c in group for name, store in stores.items()}
+            values = {}
+            for (c, name), future in reads.items():
                 try:
-                    future.result()
+                    values[c, name] = future.result()
                 except ValueError as error:  # tensorstore: DATA_LOSS, FAILED_PRECONDITION
                     bad.setdefault(c, f"{name}: {str(error).splitlines()[0][:200]}")
+            for c in group:
+                if c not in bad and output_digest({n: values[c, n] for n in self.arrays}) != bytes(
+                        np.asarray(values[c, DIGESTS[2]]).reshape(-1)):
+                    bad[c] = "its arrays do not hold what was written there (the output digest differs)"
         return bad
 
     def discard(self, chunks) -> None:
         """Deletes these chunks of every array (the status first: they count as not done), so that
         they are written afresh rather than merged into what failed to decode."""
-        stores = {STATUS: self.status, **self.arrays, DIGESTS[0]: self.digests[0], DIGESTS[1]: self.digests[1]}
+        stores = {STATUS: self.status, **self.arrays, **dict(zip(DIGESTS, self.digests))}
         for name, store in stores.items():
             futures = [self.kvstore.write(f"{name}/c/{c}" + "/0" * (store.rank - 1), None) for c in chunks]
             for future in futures:
                 future.result()
 
     def digests_of(self, c: int) -> tuple[bytes, bytes]:
-        return tuple(bytes(np.asarray(d[c].read().result())) for d in self.digests)
+        """The input and target digests recorded for chunk `c`."""
+        return tuple(bytes(np.asarray(d[c].read().result())) for d in self.digests[:2])
 
     def status_counts(self) -> dict[RowStatus, int]:
         values = np.asarray(self.status.read().result())
         return {s: int(np.count_nonzero(values == s)) for s in RowStatus}
+
+
+def output_digest(values: dict) -> bytes:
+    """The digest of one chunk's rows of every array, by name."""
+    return _digest.of_arrays(*(np.asarray(values[name]) for name in sorted(values)))
 
 
 def _chunk_of(store, c: int, owner: Store, name: str):
@@ -210,7 +229,9 @@ def _arrays(kvstore, context, layout: dict):
     chunks = -(-rows // chunk_rows)
 
     def array(name, shape, dtype, chunk_shape, fill):
-        spec = {"driver": "zarr3", "metadata": {"codecs": _CODECS}}
+        # Every chunk written is stored, even one equal to the fill value (a chunk of invalid rows,
+        # all NaN): a chunk file that is missing is one never written.
+        spec = {"driver": "zarr3", "metadata": {"codecs": _CODECS}, "store_data_equal_to_fill_value": True}
         return ts.open(spec, kvstore=kvstore / f"{name}/", context=context, open=True, create=True, dtype=dtype,
                        shape=shape, fill_value=fill, chunk_layout=ts.ChunkLayout(chunk_shape=chunk_shape)).result()
 
@@ -285,7 +306,8 @@ class StoreReport:
 
 def verify_dataset(out, *, x=None, targets=None) -> StoreReport:
     """Checks a store that `jaxlrp.explain_dataset` wrote: every chunk of every array decodes
-    (its CRC-32C checksum holds), and each row's status is read; with `x` (and `targets`, as given
+    (its CRC-32C checksum holds) and holds what was written there (its output digest), no chunk of
+  a row marked done is missing, and each row's status is read; with `x` (and `targets`, as given
     to `explain_dataset`), the data of every written chunk is hashed and compared with the digests
     the run recorded. Reads the whole store (and `x`) once; changes nothing.
 
@@ -303,8 +325,12 @@ def verify_dataset(out, *, x=None, targets=None) -> StoreReport:
     if attributes is None:
         raise ValueError(f"{who}: '{where}' holds no store.")
     store = open_store(kvstore, where, context, attributes)
-    present = store.present()
+    listed = store.listed()
+    present = store.present(listed)
     corrupt = store.corrupt(present)
+    for c in listed.get(STATUS, set()) - present:  # marked done, but a chunk is gone
+        gone = [name for name in [*store.arrays, *DIGESTS] if c not in listed.get(name, set())]
+        corrupt[c] = f"missing: {', '.join(gone)}"
     mismatched = []
     if x is not None:
         from jaxlrp._dataset import chunk_digests

@@ -114,6 +114,19 @@ def test_corrupt_chunks_are_found_verified_and_recomputed(setup, finished):
     assert jaxlrp.verify_dataset(finished).complete
 
 
+def test_a_replaced_or_missing_chunk_is_found(setup, finished):
+    relevance = [_chunk(finished, "relevance", c) for c in (0, 1)]
+    data = open(relevance[1], "rb").read()
+    open(relevance[0], "wb").write(data)  # a valid chunk, but another one's
+    os.remove(_chunk(finished, "relevance", 2))
+    report = jaxlrp.verify_dataset(finished)
+    assert "output digest differs" in report.corrupt[(0, 16)] and "missing: relevance" in report.corrupt[(32, 37)]
+    with pytest.warns(jaxlrp.CorruptChunkWarning, match="1 chunk"):  # the missing one is simply not done
+        written = _run(setup, finished)
+    np.testing.assert_allclose(np.asarray(written), setup[-1], rtol=1e-5, atol=1e-6)
+    assert jaxlrp.verify_dataset(finished).complete
+
+
 def test_every_single_bit_flip_of_a_chunk_is_caught(finished):
     path = _chunk(finished, "relevance", 2)
     original = open(path, "rb").read()
@@ -151,11 +164,44 @@ def test_a_live_writer_is_refused_and_an_abandoned_lease_taken_over(setup, tmp_p
         assert os.listdir(out) == ["jaxlrp.lease"]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for holder in ({"pid": dead.pid}, {"host": "elsewhere", "heartbeat": time.time() - 60}, {"heartbeat": "?"}):
+    # A pid gone; another host's stale heartbeat; this host's live pid (reused after a restart)
+    # with a stale heartbeat; an unreadable lease.
+    for holder in ({"pid": dead.pid}, {"host": "elsewhere", "heartbeat": time.time() - 60},
+                   {"heartbeat": time.time() - 60}, {"heartbeat": "?"}):
         out = tmp_path / f"abandoned-{len(os.listdir(tmp_path))}"
         _lease(out, **holder)
         np.testing.assert_allclose(np.asarray(_run(setup, out)), reference, rtol=1e-5, atol=1e-6)
         assert not (out / "jaxlrp.lease").exists()  # given back
+
+
+def test_a_lease_that_cannot_be_renewed_is_lost(monkeypatch):
+    from jaxlrp import _lease
+
+    class Failing:
+        """A store whose writes fail after the first (the lease taken, then storage errors)."""
+
+        def __init__(self):
+            self.kvstore, self.writes = ts.KvStore.open("memory://").result(), 0
+
+        def read(self, key):
+            return self.kvstore.read(key)
+
+        def write(self, key, value, **kwargs):
+            self.writes += 1
+            if self.writes > 1:
+                raise ValueError("UNAVAILABLE: the storage is gone")
+            return self.kvstore.write(key, value, **kwargs)
+
+    monkeypatch.setattr(_lease, "RENEW_S", 0.01)
+    lease = _lease.Lease(Failing(), "memory://")
+    lease.acquire()
+    time.sleep(0.1)
+    assert lease._thread.is_alive() and lease.kvstore.writes > 2  # renewals retried, the thread alive
+    lease.check()  # renewed recently enough
+    lease.renewed -= _lease.EXPIRES_S
+    with pytest.raises(jaxlrp.LeaseHeld, match="was taken over by another run|did not renew"):
+        lease.check()
+    lease._stop.set()
 
 
 def test_invalid_rows_are_recorded_never_written_as_valid(setup, tmp_path):
@@ -178,6 +224,14 @@ def test_invalid_rows_are_recorded_never_written_as_valid(setup, tmp_path):
         np.testing.assert_allclose(maps[rest], reference[rest], rtol=1e-5, atol=1e-6)
         counts = jaxlrp.verify_dataset(tmp_path / f"r{i}").counts
         assert counts[jaxlrp.RowStatus.EXPLAINED] == N - 3 and counts[jaxlrp.RowStatus.UNWRITTEN] == 0
+    out, nan_tail = tmp_path / "tail", x.copy()
+    nan_tail[32:] = np.nan  # the last chunk all invalid, all NaN: stored all the same, done
+    with pytest.warns(jaxlrp.InvalidRowsWarning):
+        _run(setup, out, x=nan_tail, targets=None)
+    before = _files(out)
+    with pytest.warns(jaxlrp.InvalidRowsWarning):
+        _run(setup, out, x=nan_tail, targets=None)
+    assert _files(out) == before and jaxlrp.verify_dataset(out).complete  # nothing computed again
 
 
 def test_a_traced_target_out_of_range_gives_nan_not_zeros(setup):
@@ -215,10 +269,11 @@ def test_out_as_users_write_it(setup, tmp_path, monkeypatch):
 def test_many_targets_recorded_layers_and_outputs_are_arrays(setup, tmp_path):
     explain, variables, x, targets, reference = setup
     many = np.stack([targets, (targets + 1) % 3], axis=1)  # (N, 2)
-    written = _run(setup, tmp_path / "many", targets=many)
-    assert written.shape == (N, 2, 8, 8, 2)
-    np.testing.assert_allclose(np.asarray(written), np.moveaxis(explain(variables, x, target=many), 0, 1),
-                               rtol=1e-5, atol=1e-6)
+    for batch_size in (BATCH, 2):  # K = 2 targets; with batch_size 2 the axes K and B are equally long
+        written = _run(setup, tmp_path / f"many{batch_size}", targets=many, batch_size=batch_size)
+        assert written.shape == (N, 2, 8, 8, 2)
+        np.testing.assert_allclose(np.asarray(written), np.moveaxis(explain(variables, x, target=many), 0, 1),
+                                   rtol=1e-5, atol=1e-6)
     recording = jaxlrp.lrp(MODEL, composites.EpsilonPlusFlat(), record=("Conv_1",))
     stores = _run(setup, tmp_path / "recorded", explain=recording)
     direct = recording(variables, x, target=targets)

@@ -440,6 +440,9 @@ def test_eager_cache_keeps_the_most_recent_signatures(monkeypatch):
     assert explain.cache_size() == 0
     np.testing.assert_allclose(explain(params, jnp.ones((2, 2))), jax.jit(explain)(params, jnp.ones((2, 2))))
     assert len(traces) == 8 and explain.cache_size() == 1  # traced again, and by jax.jit
+    scaled = jaxlrp.lrp_fn(lambda p, x, s: fn(p, x) * s, composites.EpsilonPlus())
+    assert scaled(params, jnp.ones((2, 2)), True).dtype == scaled(params, jnp.ones((2, 2)), 1.0).dtype == jnp.float32
+    assert scaled.cache_size() == 2  # True and 1.0 are equal, but not one program
 
 
 def test_eager_nnx_module_reads_the_current_weights():
