@@ -228,15 +228,15 @@ def call_form(binding: Binding, method: Callable) -> Callable:
         if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, result, (input_finite, result_finite) = jitted(others, x, target=target, **kwargs)
-        if _eager.is_traced((input_finite, result_finite)):  # a traced hyperparameter closed over (vmap)
+        flags_traced = _eager.is_traced((input_finite, result_finite))  # a traced hyperparameter closed over
+        if flags_traced:
             for leaf in jax.tree.leaves(x):
                 _checks.check_input(leaf)  # the input itself is concrete: checked here
-            return out, result
-        if not input_finite:
+        elif not input_finite:
             _checks.raise_non_finite_input()
         if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim:
             _checks.check_classes(target, out.shape[-1])
-        if not result_finite:
+        if not flags_traced and not result_finite:
             _checks.raise_for_weights(others)
         return out, result
 
