@@ -234,7 +234,7 @@ def call_form(binding: Binding, method: Callable) -> Callable:
                 _checks.check_input(leaf)  # the input itself is concrete: checked here
         elif not input_finite:
             _checks.raise_non_finite_input()
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim:
+        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim and _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
         if not flags_traced and not result_finite:
             _checks.raise_for_weights(others)
