@@ -63,10 +63,14 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
-def check_classes(target, classes: int) -> None:
-    t = np.asarray(target)
-    if np.any(t < 0) or np.any(t >= classes):
-        raise ValueError(f"jaxlrp: target class out of range [0, {classes}): {t}.")
+def check_classes(target, classes: int, who: str = "jaxlrp") -> None:
+    """An error for a concrete target class outside `[0, classes)`, naming the classes that are."""
+    with jax.ensure_compile_time_eval():
+        t = np.atleast_1d(np.asarray(target))
+    wrong = t[(t < 0) | (t >= classes)]
+    if wrong.size:
+        raise ValueError(f"{who}: target class out of range [0, {classes}) for an output of {classes} classes: "
+                         f"{sorted(set(wrong.tolist()))}.")
 
 
 def batch_of(x) -> int | None:

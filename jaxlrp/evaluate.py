@@ -469,14 +469,7 @@ def _checked_target(target, batch: int, classes: int, caller: str) -> jax.Array:
             f"({batch},); got {target.dtype}{list(target.shape)}."
         )
     if _checks.is_concrete(target):
-        with jax.ensure_compile_time_eval():
-            t = np.asarray(target)
-        if np.any(t < 0) or np.any(t >= classes):
-            wrong = sorted(set(np.atleast_1d(t)[(np.atleast_1d(t) < 0) | (np.atleast_1d(t) >= classes)].tolist()))
-            raise ValueError(
-                f"jaxlrp.evaluate.{caller}: target classes must lie in [0, {classes}) for an output of "
-                f"{classes} classes; got {wrong}."
-            )
+        _checks.check_classes(target, classes, f"jaxlrp.evaluate.{caller}")
     return target
 
 

@@ -46,7 +46,7 @@ def tiny():
 @pytest.mark.parametrize("target", [-1, 10, [0, 3, 10], [0, -2, 1]])
 def test_region_perturbation_refuses_a_concrete_target_out_of_range(target):
     fn, x, relevance = _linear()
-    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.region_perturbation: target classes must lie in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.region_perturbation: target class out of range \[0, 10\)"):
         evaluate.region_perturbation(fn, x, relevance, target=jnp.asarray(target), patch=(1,))
 
 
@@ -144,7 +144,7 @@ def test_sweep_refuses_a_bad_grid(tiny, grid, message):
 def test_sweep_refuses_targets_out_of_range_nan_input_and_bad_points_per_call(tiny):
     model, variables, x = tiny
     args = dict(patch=(2,), steps=2)
-    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: target classes must lie in \[0, 4\) for an output of 4 classes; got \[-1, 4\]"):
+    with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: target class out of range \[0, 4\) for an output of 4 classes: \[-1, 4\]"):
         evaluate.sweep(_gamma, {"gamma": [0.1]}, model, variables, x, target=jnp.array([0, -1, 4, 1]), **args)
     with pytest.raises(ValueError, match=r"jaxlrp\.evaluate\.sweep: the input holds NaN or Inf"):
         evaluate.sweep(_gamma, {"gamma": [0.1]}, model, variables, x.at[0, 0].set(jnp.nan), target=0, **args)
