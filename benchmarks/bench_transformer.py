@@ -8,14 +8,20 @@ The model is a Linen decoder: token embedding, pre-RMSNorm blocks of causal
 and a dense head over a 256-token vocabulary, in float32, with and without `nn.remat` on the
 blocks. For each it prints, under `jax.jit`: the median seconds per batch of the forward pass,
 of `jax.grad` of the explained logit (the floor an LRP pass can approach), of AttnLRP and of
-CP-LRP, the compile time of each, and the temporary memory XLA reserves for each (its compiled
-memory analysis: on CPU the closest thing to peak memory), with the ratios to `jax.grad`.
+CP-LRP, the compile time of each, the temporary memory XLA reserves for each (its compiled
+memory analysis: on CPU the closest thing to peak memory), and what each holds from its forward
+to its backward pass (the residuals of its `jax.vjp`, read off the trace: `tests/memory.py`),
+with the ratios to `jax.grad`. XLA:CPU merges a checkpoint's recomputation back into the
+forward pass, for `jax.grad` too, so on CPU only the held residuals show what remat saves; on a
+GPU (`device.sh`) the temporary memory does as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import sys
 import time
 
 import flax.linen as nn
@@ -25,6 +31,9 @@ import numpy as np
 
 import jaxlrp
 from jaxlrp import composites
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from memory import held_bytes  # noqa: E402
 
 VOCAB = 256
 
@@ -68,7 +77,8 @@ def measure(fn, args, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
-    return {"seconds": float(np.median(times)), "compile_seconds": compile_s, "temp_bytes": temp}
+    held = held_bytes(fn, *args)
+    return {"seconds": float(np.median(times)), "compile_seconds": compile_s, "temp_bytes": temp, "held_bytes": held}
 
 
 def embedding_gradient(model, target, width):
@@ -86,7 +96,8 @@ def embedding_gradient(model, target, width):
                 out = model.apply(params, tokens)
             return jnp.take_along_axis(out, target[:, None], -1).sum()
 
-        return jax.grad(logit)(jnp.zeros((*tokens.shape, width)))
+        _, pullback = jax.vjp(logit, jnp.zeros((*tokens.shape, width)))  # jax.grad, as a vjp
+        return pullback(jnp.ones(()))[0]
 
     return gradient
 
@@ -110,6 +121,7 @@ def run(layers: int, width: int, length: int, batch: int, repeats: int, remat: b
     for name in ("AttnLRP", "CPLRP"):
         results[name]["time_vs_grad"] = results[name]["seconds"] / results["jax.grad"]["seconds"]
         results[name]["memory_vs_grad"] = results[name]["temp_bytes"] / results["jax.grad"]["temp_bytes"]
+        results[name]["held_vs_grad"] = results[name]["held_bytes"] / results["jax.grad"]["held_bytes"]
     return results
 
 
@@ -126,15 +138,17 @@ def main(argv=None) -> None:
     print(f"decoder: {args.layers} layers, width {args.width}, length {args.length}, batch {args.batch}, "
           f"float32, on {device.platform} ({device.device_kind})")
     everything = {}
-    header = f"{'remat':<6} {'method':<9} {'ms/batch':>9} {'compile s':>10} {'temp MiB':>9} {'time/grad':>10} {'mem/grad':>9}"
+    header = (f"{'remat':<6} {'method':<9} {'ms/batch':>9} {'compile s':>10} {'temp MiB':>9} {'held MiB':>9} "
+              f"{'time/grad':>10} {'mem/grad':>9} {'held/grad':>10}")
     print(header)
     for remat in (False, True):
         results = run(args.layers, args.width, args.length, args.batch, args.repeats, remat)
         everything["remat" if remat else "plain"] = results
         for name, r in results.items():
-            ratio = f"{r['time_vs_grad']:>10.2f} {r['memory_vs_grad']:>9.2f}" if "time_vs_grad" in r else ""
+            ratio = (f"{r['time_vs_grad']:>10.2f} {r['memory_vs_grad']:>9.2f} {r['held_vs_grad']:>10.2f}"
+                     if "time_vs_grad" in r else "")
             print(f"{str(remat):<6} {name:<9} {1e3 * r['seconds']:>9.1f} {r['compile_seconds']:>10.1f} "
-                  f"{r['temp_bytes'] / 2**20:>9.1f} {ratio}")
+                  f"{r['temp_bytes'] / 2**20:>9.1f} {r['held_bytes'] / 2**20:>9.1f} {ratio}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "device": str(device), "results": everything}, f, indent=2)

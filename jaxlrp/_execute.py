@@ -11,6 +11,7 @@ of a function of the relevance reaches them through the backward pass.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import dataclasses
@@ -97,22 +98,67 @@ def run(plan, rules: dict, args: Sequence, taps: Sequence | None = None, hooks: 
 
     `hooks` maps values to `(mask, tap, store)`: as soon as such a value is computed, it is
     appended to the list `store`, its relevance is conditioned by `mask` (if not None), and
-    `tap` (zeros, whose cotangent is the relevance arriving there; or None) is added to it."""
+    `tap` (zeros, whose cotangent is the relevance arriving there; or None) is added to it.
+
+    Each checkpointed region of the plan (`_remat`) runs inside `jax.checkpoint`."""
     program = plan.program
     env: dict = dict(zip(program.inputs, args))
     pending = dict(hooks or {})
-    context = Run(rules, taps)
-    for node in program.nodes:
-        if pending:
-            _apply_hooks(pending, env)
-        step = plan.steps.get(node)
-        if step is not None:
-            step.run(env, context)
-        elif node not in plan.skipped:
-            evaluate([node], env)
+    _run_nodes(plan, program.nodes, 0, env, Run(rules, taps), pending)
     if pending:
         _apply_hooks(pending, env)
     return [read(env, a) for a in program.outputs]
+
+
+def _run_nodes(plan, nodes: Sequence[Node], depth: int, env, context: Run, pending: dict) -> None:
+    """Runs `nodes` in order; each maximal run of them in one region at nesting `depth` as one
+    checkpointed call."""
+    i = 0
+    while i < len(nodes):
+        if pending:
+            _apply_hooks(pending, env)
+        region = plan.region(nodes[i], depth)
+        if region is None:
+            _run_node(plan, nodes[i], env, context)
+            i += 1
+            continue
+        end = i + 1
+        while end < len(nodes) and plan.region(nodes[end], depth) is region:
+            end += 1
+        _run_region(plan, nodes[i:end], depth + 1, region, env, context, pending)
+        i = end
+
+
+def _run_node(plan, node: Node, env, context: Run) -> None:
+    step = plan.steps.get(node)
+    if step is not None:
+        step.run(env, context)
+    elif node not in plan.skipped:
+        evaluate([node], env)
+
+
+def _run_region(plan, nodes: Sequence[Node], depth: int, region, env, context: Run, pending: dict) -> None:
+    """Runs `nodes` as `jax.checkpoint` with `region`'s policy: every value they compute is an
+    output (what nothing reads, the compiler drops), read from `env`; the hooks of values they
+    compute are applied inside, and what those hooks store comes out as outputs too."""
+    produced = {v for node in nodes for v in node.outputs}
+    inner = {v: pending.pop(v) for v in list(pending) if v in produced}
+    computed: list = []
+
+    def body():
+        local = collections.ChainMap({}, env)
+        stores = {v: [] for v in inner}
+        hooks = {v: (mask, tap, stores[v]) for v, (mask, tap, _) in inner.items()}
+        _run_nodes(plan, nodes, depth, local, context, hooks)
+        if hooks:
+            _apply_hooks(hooks, local)
+        computed.extend(local.maps[0])
+        return [local.maps[0][v] for v in computed], [stores[v] for v in inner]
+
+    values, stored = jax.checkpoint(body, prevent_cse=region.prevent_cse, policy=region.policy)()
+    env.update(zip(computed, values))
+    for (_, _, store), kept in zip(inner.values(), stored):
+        store.extend(kept)
 
 
 def _apply_hooks(pending: dict, env: dict) -> None:

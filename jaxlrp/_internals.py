@@ -14,7 +14,8 @@ fails there, by name, instead of as a wrong heatmap:
   rules bind the traced primitive again on modified weights (`bind`). jax 0.8 returns
   `(subfuns, params)`, jax 0.10 the params alone.
 * **Primitive parameter layouts**: a call's body (`jaxpr` or `call_jaxpr`, closed or open, or
-  under `jax_remat3` the `jaxpr` of a `call_hi_primitive`'s `_prim`: `call_body`); `scan`'s
+  under `jax_remat3` the `jaxpr` of a `call_hi_primitive`'s `_prim`: `call_body`); a
+  checkpoint's `policy` and `prevent_cse` (`remat_params`); `scan`'s
   `jaxpr`, `num_consts`, `num_carry`, `length`, `reverse`, `unroll` (`scan_layout`);
   `conv_general_dilated`'s `dimension_numbers` (lhs, rhs and out specs),
   `feature_group_count`, `batch_group_count` (`conv_layout`); `dot_general`'s
@@ -72,6 +73,22 @@ def call_body(params: dict) -> tuple[core.Jaxpr | None, list]:
     if isinstance(inner, core.ClosedJaxpr):
         return inner.jaxpr, list(inner.consts)
     return inner, []
+
+
+REMATS = frozenset({"remat2", "checkpoint"})
+
+
+def remat_params(name: str, params: dict) -> tuple[Any, bool] | None:
+    """`(policy, prevent_cse)` of a `jax.checkpoint` equation (`remat2`, or under `jax_remat3` a
+    `call_hi_primitive` whose `_prim` is a remat); None for any other equation. The policy is
+    `jax.checkpoint`'s own (`None`: nothing saved but the inputs)."""
+    if name in REMATS:
+        return params.get("policy"), bool(params.get("prevent_cse", True))
+    prim = params.get("_prim") if name == "call_hi_primitive" else None
+    if prim is not None and type(prim).__name__ == "RematTraced":
+        inner = getattr(prim, "params", None) or {}
+        return inner.get("policy"), bool(inner.get("prevent_cse", True))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

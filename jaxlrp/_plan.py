@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from jaxlrp import _internals
+from jaxlrp import _internals, _remat
 from jaxlrp._analysis import Flow, analyze, body_flags
 from jaxlrp._ops import base  # importing jaxlrp._ops registers the operation families
 from jaxlrp._ops.base import UnsupportedOperation
@@ -33,10 +33,12 @@ class PlanConfig:
     """What a plan is made with, passed whole to the plans of scan bodies and kernels:
     `describe(scope)` gives the module path and class of a name stack; `hold` names what LRP
     holds constant: "softmax" (the attention weights, CP-LRP), "selection" (the selection
-    parameters of a state-space model, MambaLRP)."""
+    parameters of a state-space model, MambaLRP); `remat` the blocks checkpointed beyond the
+    model's own regions (`_remat.spec`)."""
 
     describe: Describe
     hold: frozenset[str] = frozenset()
+    remat: _remat.Spec = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +48,12 @@ class Plan:
     skipped: set[Node]  # nodes computed inside a step
     explained: tuple[Value, ...] = ()  # the program inputs that are explained (every leaf of x)
     flow: Flow | None = None  # the analysis the plan was made from, for recording and conditions
+    regions: dict[Node, tuple[_remat.Region, ...]] = dataclasses.field(default_factory=dict)  # checkpointed
+
+    def region(self, node: Node, depth: int) -> _remat.Region | None:
+        """The checkpointed region `node` runs in at nesting `depth`, or None."""
+        regions = self.regions.get(node, ())
+        return regions[depth] if len(regions) > depth else None
 
     def table_steps(self) -> list[base.Step]:
         """The steps that take rules, the rows of the rule table, in execution order, those of
@@ -69,12 +77,14 @@ def make_plan(
     describe: Describe,
     names: Sequence[tuple[str, ...]] | None = None,
     hold: frozenset[str] = frozenset(),
+    remat: _remat.Spec = (),
 ) -> Plan:
     """Plans `program`, whose inputs flagged `active` are explained. `names`, when given, are
     the names of each input (the key path of a parameter in its pytree), by which a layer is
-    also known; `describe` and `hold` as in `PlanConfig`."""
+    also known; `describe`, `hold` and `remat` as in `PlanConfig`."""
+    _remat.check(program, describe, remat)
     named = {} if names is None else dict(zip(program.inputs, names))
-    return Planner(analyze(program, active), PlanConfig(describe, frozenset(hold)), named).plan()
+    return Planner(analyze(program, active), PlanConfig(describe, frozenset(hold), remat), named).plan()
 
 
 class Planner:
@@ -112,7 +122,8 @@ class Planner:
         for finish in base.FINISHERS:
             finish(self)
         explained = tuple(v for v in self.program.inputs if v in self.flow.active)
-        return Plan(self.program, self.steps, self.skipped, explained, self.flow)
+        regions = _remat.regions(self.program.nodes, self.config.describe, self.config.remat)
+        return Plan(self.program, self.steps, self.skipped, explained, self.flow, regions)
 
     def classify(self, node: Node) -> None:
         relevant = self.relevant(node)

@@ -6,7 +6,8 @@ this module inlines every call into one flat list of `Node`s over fresh `Value`s
 each node's name stack (which carries the module markers of the bindings). Two kinds of call
 stay whole: elementwise functions (an activation such as `nn.relu` is one node, so it gets
 one rule) and `scan` (and a kernel with a reference, `BODIES`), whose body becomes a nested
-`Program`.
+`Program`. A `jax.checkpoint` region is inlined too, each of its nodes tagged with the region
+(`Node.remat`), so that the relevance pass checkpoints it as the model does (`_remat`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 from jax.extend import core
 
 from jaxlrp import _internals
+from jaxlrp._remat import Region
 
 # Primitives that act element by element: output element i depends on input element i only.
 # A table: `jaxlrp.extend.register_elementwise` adds to it.
@@ -75,6 +77,7 @@ class Node:
     scope: str
     elementwise: bool = False
     body: Program | None = None  # a scan's body, a kernel's reference (BODIES)
+    remat: tuple[Region, ...] = ()  # the checkpointed regions it was traced in, outermost first
 
     @property
     def name(self) -> str:
@@ -152,7 +155,7 @@ def from_closed_jaxpr(closed: core.ClosedJaxpr, scope: str = "") -> Program:
     return Program(inputs, outputs, nodes)
 
 
-def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> list[Atom]:
+def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str, remat: tuple[Region, ...] = ()) -> list[Atom]:
     env: dict[Any, Atom] = {}
 
     def read(v) -> Atom:
@@ -166,11 +169,13 @@ def _inline(jaxpr: core.Jaxpr, consts, args, nodes: list[Node], scope: str) -> l
         name = eqn.primitive.name
         inner, inner_consts = _internals.call_body(eqn.params) if name in CALLS else (None, [])
         if inner is not None and not _is_elementwise_eqn(eqn):
-            outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope)
+            checkpoint = _internals.remat_params(name, eqn.params)
+            inner_remat = remat if checkpoint is None else (*remat, Region(*checkpoint))
+            outs = _inline(inner, [Const(c) for c in inner_consts], ins, nodes, eqn_scope, inner_remat)
         else:
             body = from_closed_jaxpr(BODIES[name](eqn.params), eqn_scope) if name in BODIES else None
             outs = tuple(Value(v.aval) for v in eqn.outvars)
             elementwise = _is_elementwise_eqn(eqn)
-            nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body))
+            nodes.append(Node(eqn.primitive, eqn.params, ins, outs, eqn_scope, elementwise, body, remat))
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxlrp import _bindings, _checks, _hooks, _tokens, _warn, rules as _rules
+from jaxlrp import _bindings, _checks, _hooks, _remat, _tokens, _warn, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
@@ -19,7 +19,13 @@ __all__ = ["lrp", "lrp_fn", "output_and_lrp", "rule_table"]
 
 
 def lrp(
-    model, composite: Composite, *, record: Sequence[str] = (), output: Callable | None = None, **model_kwargs
+    model,
+    composite: Composite,
+    *,
+    record: Sequence[str] = (),
+    output: Callable | None = None,
+    remat=None,
+    **model_kwargs,
 ) -> Callable[..., jax.Array]:
     """Turns a Flax model or a plain JAX function into a function that returns a relevance map
     shaped like its input.
@@ -41,6 +47,14 @@ def lrp(
     `output`, a function of what the model returns, selects what is explained: a dict's or a
     dataclass's entry, `lambda logits: logits[:, -1]` for a language model's last position.
     The target then refers to that selection.
+
+    Checkpointing: a region of the model under `jax.checkpoint` (`nn.remat`, `nnx.remat`) is
+    checkpointed in the relevance pass too, under the model's policy: the rules' residuals are
+    recomputed in the backward pass, not held. `remat=` checkpoints more: a module path or an
+    fnmatch pattern over module paths (`remat="Block_*"`: each block is one region, holding
+    only its inputs), a sequence of them, or a dict of them to `jax.checkpoint` policies
+    (`remat={"Block_*": jax.checkpoint_policies.dots_saveable}`). It changes what is held,
+    never a value.
 
     `target` says where relevance starts:
 
@@ -74,16 +88,23 @@ def lrp(
         explain = jaxlrp.lrp(model, composites.EpsilonPlusFlat())
         relevance = jax.jit(explain)(variables, x, target=3)
     """
-    return _bindings.result_only(output_and_lrp(model, composite, record=record, output=output, **model_kwargs))
+    explain = output_and_lrp(model, composite, record=record, output=output, remat=remat, **model_kwargs)
+    return _bindings.result_only(explain)
 
 
 def output_and_lrp(
-    model, composite: Composite, *, record: Sequence[str] = (), output: Callable | None = None, **model_kwargs
+    model,
+    composite: Composite,
+    *,
+    record: Sequence[str] = (),
+    output: Callable | None = None,
+    remat=None,
+    **model_kwargs,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """Like `lrp`, but `explain` returns `(output, relevance)` (as `jax.value_and_grad`); the
     output is what `output` selects, when given."""
     binding = _bindings.of(model, output=output, **model_kwargs)
-    return _bindings.call_form(binding, explained(binding, composite, record))
+    return _bindings.call_form(binding, explained(binding, composite, record, remat))
 
 
 def lrp_fn(
@@ -93,6 +114,7 @@ def lrp_fn(
     *,
     record: Sequence[str] = (),
     output: Callable | None = None,
+    remat=None,
     **fn_kwargs,
 ) -> Callable[..., jax.Array]:
     """LRP for a plain JAX function, e.g. `fn(params, x)` written with `jnp`, `lax`, `jax.nn`.
@@ -107,7 +129,8 @@ def lrp_fn(
     match the `jax.named_scope` the layer was traced in or its weight's key path in the other
     arguments (`['w1']`, `.layers[3].weight`, `layers/3`, Haiku's `mlp/~/linear_2`). Leaves of
     the other arguments that are not arrays are static, so an Equinox model is passed as it is.
-    `output` selects what is explained from what `fn` returns (as in `lrp`). The rule table of
+    `output` selects what is explained from what `fn` returns (as in `lrp`), and `remat=`
+    checkpoints regions by their `jax.named_scope` paths (as in `lrp`). The rule table of
     the same call is `jaxlrp.rule_table(fn, composite, *args, argnums=argnums)`.
 
     Example::
@@ -120,18 +143,20 @@ def lrp_fn(
         relevance = jaxlrp.lrp_fn(mlp, composites.EpsilonPlus())(params, x)
     """
     binding = _bindings.Function(fn, argnums, output, fn_kwargs)
-    return _bindings.result_only(_bindings.call_form(binding, explained(binding, composite, record)))
+    return _bindings.result_only(_bindings.call_form(binding, explained(binding, composite, record, remat)))
 
 
-def explained(binding: _bindings.Binding, composite: Composite, record: Sequence[str] = ()) -> Callable:
+def explained(binding: _bindings.Binding, composite: Composite, record: Sequence[str] = (), remat=None) -> Callable:
     """`method(others, x, *, target=None, conditions=None, **kwargs) -> (output, relevance)`:
     the relevance pass on the arguments as `binding.split` gives them."""
     _check_composite(composite)
     record = _check_record(record)
+    blocks = _remat.spec(remat)
 
     def method(others, x, *, target=None, conditions=None, **kwargs):
-        return _output_and_relevance(binding, others, x, kwargs, composite, target, record, conditions)
+        return _output_and_relevance(binding, others, x, kwargs, composite, target, record, conditions, blocks)
 
+    # remat= changes what is held, not a value: not part of the description (a data-set run's provenance)
     method.jaxlrp_description = f"{type(binding).__name__} under {composite!r}" + (f", record={record}" if record else "")
     return method
 
@@ -173,8 +198,9 @@ def _check_composite(composite) -> None:
         )
 
 
-def _plan(traced: Traced, composite: Composite, explained: int = 1) -> Plan:
-    """The plan of a traced model whose last `explained` inputs (the leaves of `x`) are explained."""
+def _plan(traced: Traced, composite: Composite, explained: int = 1, remat: _remat.Spec = ()) -> Plan:
+    """The plan of a traced model whose last `explained` inputs (the leaves of `x`) are explained,
+    with the blocks of `remat` checkpointed."""
     program = from_closed_jaxpr(traced.closed)
     if len(program.outputs) != 1:
         raise TypeError(
@@ -183,7 +209,8 @@ def _plan(traced: Traced, composite: Composite, explained: int = 1) -> Plan:
             f"output=lambda out: out['logits'][:, -1]) for a language model's last position."
         )
     n_params = len(program.inputs) - explained
-    return make_plan(program, [False] * n_params + [True] * explained, traced.describe, traced.names, composite.hold)
+    active = [False] * n_params + [True] * explained
+    return make_plan(program, active, traced.describe, traced.names, composite.hold, remat)
 
 
 def _warn_unmerged(info) -> None:
@@ -281,7 +308,15 @@ def _seed(out: jax.Array, target, batch: int | None = None) -> jax.Array:
 
 
 def _output_and_relevance(
-    binding: _bindings.Binding, others: tuple, x, kwargs: dict, composite: Composite, target, record=(), conditions=None
+    binding: _bindings.Binding,
+    others: tuple,
+    x,
+    kwargs: dict,
+    composite: Composite,
+    target,
+    record=(),
+    conditions=None,
+    remat: _remat.Spec = (),
 ):
     """`(output, relevance)` of the model that `binding` calls on `(others, x)`; `x` is explained,
     `kwargs` go to the model. With `record`, the relevance is an `Explanation`; `conditions`
@@ -294,7 +329,7 @@ def _output_and_relevance(
     # a target per device): so does the relevance, which then needs no sum over devices.
     leaves = [_varying_like(leaf, (others, kwargs, composite, target, conditions)) for leaf in leaves]
     traced = binding.trace(others, treedef.unflatten(leaves), kwargs)
-    plan = _plan(traced, composite, len(leaves))
+    plan = _plan(traced, composite, len(leaves), remat)
     resolved = _resolve(composite, plan)
     params = traced.params
     recorded, masks = _hook_values(plan, traced.describe, record, conditions or {})

@@ -61,6 +61,7 @@ class Block(nn.Module):
 class ResNet(nn.Module):
     width: int = 64
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # each residual block under nn.remat (the same parameters)
 
     @nn.compact
     def __call__(self, x):
@@ -70,7 +71,8 @@ class ResNet(nn.Module):
         for s, (c, blocks) in enumerate(RESNET18):
             for b in range(blocks):
                 stride = 2 if s > 0 and b == 0 else 1
-                x = Block(c * self.width, stride, self.dtype, name=f"stage{s}_{b}")(x)
+                block = nn.remat(Block) if self.remat else Block
+                x = block(c * self.width, stride, self.dtype, name=f"stage{s}_{b}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(CLASSES, dtype=self.dtype, param_dtype=self.dtype, name="fc")(x)
 
