@@ -8,11 +8,11 @@
 
 See `jaxlrp.rules` for the rules and their math, `jaxlrp.composites` for how layers get them,
 `jaxlrp.attribution` for baselines, `jaxlrp.evaluate` for faithfulness, `jaxlrp.concepts` for
-concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for pictures,
+concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for pictures, `jaxlrp.attention` for attention in linear memory,
 `jaxlrp.extend` to teach jaxlrp new primitives (and `jaxlrp.rules.rule` for new rules).
 """
 
-from jaxlrp import attribution, composites, concepts, evaluate, extend, rules, viz
+from jaxlrp import attention, attribution, composites, concepts, evaluate, extend, rules, viz
 from jaxlrp._dataset import CorruptChunkWarning, InvalidRowsWarning, explain_dataset
 from jaxlrp._hooks import Explanation
 from jaxlrp._layer import Layer
@@ -36,6 +36,7 @@ __all__ = [
     "StoreReport",
     "UnmergedAffineWarning",
     "UnsupportedOperation",
+    "attention",
     "attribution",
     "composites",
     "concepts",

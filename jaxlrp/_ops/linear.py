@@ -6,7 +6,7 @@
   extraction (a convolution with a constant kernel) that feeds a dense map is one "conv" layer
   with it (`nn.ConvLocal`);
 * a primitive of `FIXED_PRIMITIVES` (`reduce_sum`, `cumsum`, `reduce_window_sum`,
-  `scatter-add`, and what `jaxlrp.extend.register_linear` adds) is a fixed map, linear in its
+  `scatter-add`, `psum` over devices, and what `jaxlrp.extend.register_linear` adds) is a fixed map, linear in its
   activation operands jointly, its other operands (indices) structure;
 * an add or sub of a learned shift that no layer absorbed is an affine map (kind "affine");
   of two different activations a fixed map ("sum"); a `dot_general` of two activations
@@ -33,7 +33,8 @@ from jaxlrp._table import AFFINE_KIND, LayerInfo
 WEIGHTED_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
 WEIGHTED_KINDS = frozenset(WEIGHTED_PRIMITIVES.values())
 # A table: `jaxlrp.extend.register_linear` adds to it.
-FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool", "scatter-add": "sum"}
+FIXED_PRIMITIVES = {"reduce_sum": "sum", "cumsum": "sum", "reduce_window_sum": "avg_pool", "scatter-add": "sum",
+                    "psum": "sum", "psum_invariant": "sum"}  # psum: a sum over devices (jax 0.10: psum_invariant)
 AFFINE = frozenset("add sub mul div neg".split())
 SCALING = frozenset("mul div neg".split())
 

@@ -1,6 +1,6 @@
 """Selections and data movement (max pooling, `max`, slicing, reshapes, concatenation,
-padding, gathers, sorting): relevance follows the gradient, to the values each output was
-taken from. Comparisons and other elementwise ops with integer or boolean outputs carry none."""
+padding, gathers, sorting, and across devices `all_gather`, `ppermute`, `all_to_all`):
+relevance follows the gradient, to the values each output was taken from. Comparisons and other elementwise ops with integer or boolean outputs carry none."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ GRADIENT = set(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
     dynamic_update_slice gather scatter scatter-max scatter-min pad rev select_n max min reduce_max
     reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split
-    sort cummax cummin stop_gradient optimization_barrier pvary pcast""".split()
+    sort cummax cummin stop_gradient optimization_barrier pvary pcast all_gather ppermute all_to_all""".split()
 )
 
 
