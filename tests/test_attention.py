@@ -202,3 +202,48 @@ def _seq_dense(heads):
         return o.reshape(*x.shape[:2], heads * H)[:, -1] @ p["o"]
 
     return model
+
+
+def _pallas_attention(q, k, v):
+    """A fused causal attention kernel (Pallas, run by its interpreter on CPU): one program per
+    batch entry and head, its computation hidden from the jaxpr."""
+    from jax.experimental import pallas as pl
+
+    b, t, n, h = q.shape
+
+    def body(q_ref, k_ref, v_ref, o_ref):
+        s = jnp.dot(q_ref[0], k_ref[0].T) / h**0.5
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
+        o_ref[0] = jnp.dot(jax.nn.softmax(s, axis=-1), v_ref[0])
+
+    heads_first = lambda a: jnp.moveaxis(a, 2, 1).reshape(b * n, t, h)  # noqa: E731
+    spec = pl.BlockSpec((1, t, h), lambda i: (i, 0, 0))
+    out = pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((b * n, t, h), q.dtype), grid=(b * n,),
+                         in_specs=[spec, spec, spec], out_specs=spec, interpret=True)(*map(heads_first, (q, k, v)))
+    return jnp.moveaxis(out.reshape(b, n, t, h), 1, 2)
+
+
+@pytest.mark.float64
+def test_a_fused_kernel_explained_through_the_blockwise_reference():
+    """`extend.with_reference(kernel, blockwise_attention)`: the kernel runs forward, the relevance
+    is the blockwise attention's, equal to the dense map."""
+    fused = jaxlrp.extend.with_reference(_pallas_attention, lambda q, k, v: blockwise_attention(q, k, v, is_causal=True,
+                                                                                                block_size=8))
+    params, x = _params(jnp.float64)
+    params = {**params, "k": params["k"][:, :N * H // 2].repeat(2, axis=1), "v": params["v"][:, :N * H // 2].repeat(2, axis=1)}
+
+    def model(attention):
+        def call(p, x):
+            q, k, v = ((x @ p[name]).reshape(*x.shape[:2], N, H) for name in "qkv")
+            return attention(q, k, v).reshape(*x.shape[:2], N * H)[:, -1] @ p["o"]
+
+        return call
+
+    kernel_model = model(fused)
+    assert "pallas_call" in str(jax.make_jaxpr(kernel_model)(params, x))
+    np.testing.assert_allclose(kernel_model(params, x), model(lambda *a: dense_attention(*a, is_causal=True))(params, x),
+                               rtol=1e-12)
+    for composite in (composites.AttnLRP(), composites.CPLRP()):
+        expected = jaxlrp.lrp_fn(model(lambda *a: dense_attention(*a, is_causal=True)), composite)(params, x, target=1)
+        got = jax.jit(jaxlrp.lrp_fn(kernel_model, composite))(params, x, target=1)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * float(jnp.abs(expected).max()))
