@@ -161,14 +161,17 @@ def explained(binding: _bindings.Binding, composite: Composite, record: Sequence
     return method
 
 
-def rule_table(model, composite: Composite, *args, output: Callable | None = None, **model_kwargs) -> RuleTable:
+def rule_table(
+    model, composite: Composite, *args, output: Callable | None = None, remat=None, **model_kwargs
+) -> RuleTable:
     """The rule each layer of `model` gets under `composite`, in execution order.
 
     `args` are the positional arguments of `explain`, in every call form of `lrp`: `(variables,
     x)` for Linen, `(x,)` for an NNX module, `(state, x)` for an NNX GraphDef, `(params, x)`
     for a function `fn(params, x)`, and for `lrp_fn(fn, composite, argnums=2)` the same
     arguments with `argnums=2` (`rule_table(fn, composite, params, None, x, argnums=2)`).
-    `output=` and model keyword arguments are those of `lrp`. `print` the table to see each
+    `output=`, `remat=` (checked against the model; it changes no rule) and model keyword
+    arguments are those of `lrp`. `print` the table to see each
     layer's path, module class, kind, rule and the modules merged into it (BatchNorm, a mean's
     division); for a function, the key path of each layer's weight. An affine map that no layer
     absorbed (a BatchNorm that no dense or conv layer feeds) is a row of kind "affine" with
@@ -177,7 +180,7 @@ def rule_table(model, composite: Composite, *args, output: Callable | None = Non
     _check_composite(composite)
     binding = _bindings.of(model, output=output, **model_kwargs)
     others, x = binding.split(args)
-    plan = _plan(binding.trace(others, x, {}), composite, len(jax.tree.leaves(x)))
+    plan = _plan(binding.trace(others, x, {}), composite, len(jax.tree.leaves(x)), _remat.spec(remat))
     resolved = _resolve(composite, plan)
     steps = plan.table_steps()
     return RuleTable(tuple(s.info for s in steps), tuple(resolved[s] for s in steps))

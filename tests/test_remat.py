@@ -209,3 +209,33 @@ def test_remat_option_errors():
         jaxlrp.lrp_fn(mlp, EPSILON, remat=3)
     with pytest.raises(TypeError, match="remat= takes module paths"):
         jaxlrp.lrp_fn(mlp, EPSILON, remat={"block*": "dots"})
+
+
+def test_nnx_remat_is_honoured():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(16, 16, rngs=rngs), nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.b(jnp.tanh(self.a(jnp.tanh(x))))
+
+    class Net(nnx.Module):
+        def __init__(self, remat, rngs):
+            self.blocks = nnx.List([Block(rngs) for _ in range(4)])
+            self.head, self.remat = nnx.Linear(16, 3, rngs=rngs), remat
+
+        def __call__(self, x):
+            for block in self.blocks:
+                x = nnx.remat(lambda block, x: block(x))(block, x) if self.remat else block(x)
+            return self.head(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 16), jnp.float64)
+    plain, remat = (jaxlrp.lrp(Net(r, nnx.Rngs(0)), composites.EpsilonPlus()) for r in (False, True))
+    np.testing.assert_allclose(remat(x, target=1), plain(x, target=1), rtol=1e-12)
+    assert held_bytes(remat, x, target=1) < 0.5 * held_bytes(plain, x, target=1)
+    table = jaxlrp.rule_table(Net(False, nnx.Rngs(0)), composites.EpsilonPlus(), x, remat="blocks/*")
+    assert table == jaxlrp.rule_table(Net(True, nnx.Rngs(0)), composites.EpsilonPlus(), x) and len(table.layers) == 13
+    with pytest.raises(ValueError, match="match no module"):
+        jaxlrp.rule_table(Net(False, nnx.Rngs(0)), composites.EpsilonPlus(), x, remat="nothing")
