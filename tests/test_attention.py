@@ -247,3 +247,16 @@ def test_a_fused_kernel_explained_through_the_blockwise_reference():
         expected = jaxlrp.lrp_fn(model(lambda *a: dense_attention(*a, is_causal=True)), composite)(params, x, target=1)
         got = jax.jit(jaxlrp.lrp_fn(kernel_model, composite))(params, x, target=1)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * float(jnp.abs(expected).max()))
+
+
+@pytest.mark.parametrize("name", ["AttnLRP", "CPLRP"])
+def test_bfloat16_relevance_follows_the_dense_and_float32_maps(name):
+    composite = getattr(composites, name)()
+    params, x = _params(jnp.bfloat16)
+    dense = jaxlrp.lrp_fn(_model(lambda *a: dense_attention(*a, is_causal=True)), composite)
+    blocked = jaxlrp.lrp_fn(_model(lambda *a: blockwise_attention(*a, is_causal=True, block_size=8)), composite)
+    got = blocked(params, x, target=1)
+    assert got.dtype == jnp.bfloat16
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    for reference in (dense(params, x, target=1), dense(*wide, target=1)):
+        assert np.corrcoef(np.ravel(got.astype(np.float32)), np.ravel(reference.astype(np.float32)))[0, 1] > 0.999
