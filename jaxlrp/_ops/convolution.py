@@ -19,8 +19,9 @@ padding, `rhs_dilation`, `feature_group_count` (depthwise included), `precision`
 (`wins`, with the figures of `benchmarks/bench_conv.py`).
 
 Switch it off with the environment variable `JAXLRP_CONV_PATCHES=0` (read at import) or
-`jaxlrp._ops.convolution.ENABLED = False` (read when a relevance function is traced; a jitted
-function keeps what it was traced with).
+`jaxlrp._ops.convolution.ENABLED = False` (read when a relevance function is traced: one traced
+before keeps what it was traced with; make a new one with `jaxlrp.lrp` or call its
+`clear_cache()`).
 """
 
 from __future__ import annotations
