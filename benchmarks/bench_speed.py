@@ -6,7 +6,9 @@ Models: a VGG-16-like and a ResNet-18-like CNN with BatchNorm on 32x32x3 images 
 `--width` is the first stage's channels, 64 in the originals) and a decoder transformer
 (`bench_transformer.py`, 2 layers of width 128 over 64 tokens). For each batch size it times,
 all jitted, medians after a warm-up call: the forward pass, `jax.grad` of the target logit
-(times the input for the CNNs), jaxlrp's EpsilonPlusFlat, EpsilonGammaBox and
+(times the input for the CNNs), both again with the model's convolutions computed as jaxlrp
+computes them (`rewritten`: `jaxlrp._ops.convolution`'s im2col where it is faster on CPU;
+`JAXLRP_CONV_PATCHES=0` switches that off, in jaxlrp and here), jaxlrp's EpsilonPlusFlat, EpsilonGammaBox and
 EpsilonAlpha2Beta1Flat (AttnLRP and CPLRP for the transformer), and zennit 0.5.1's same three
 composites on the PyTorch twin (with `SequentialMergeBatchNorm`). Apart from the run time it
 reports each compile time, each function's peak memory as XLA plans it (its compiled memory
@@ -35,7 +37,8 @@ import bench_transformer  # noqa: E402
 import cnns  # noqa: E402
 
 import jaxlrp  # noqa: E402
-from jaxlrp import composites  # noqa: E402
+from jaxlrp import _execute, _program, composites  # noqa: E402
+from jaxlrp._ops import convolution  # noqa: E402
 
 COMPOSITES = ("EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1Flat")
 
@@ -53,6 +56,21 @@ def theirs(zennit, name):
     if name == "EpsilonGammaBox":
         return zennit.composites.EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canonizers)
     return getattr(zennit.composites, name)(canonizers=canonizers)
+
+
+def rewritten(fn):
+    """`fn` computed as jaxlrp re-runs a program (`_program.Node.bind`): its convolutions by
+    `jaxlrp._ops.convolution` where that is faster, everything else as traced. What a user's own
+    `jax.grad` would gain from the same rewrite."""
+    def call(*args):
+        leaves, treedef = jax.tree.flatten(args)
+        closed, shape = jax.make_jaxpr(lambda *leaves: fn(*treedef.unflatten(leaves)), return_shape=True)(*leaves)
+        program = _program.from_closed_jaxpr(closed)
+        env = dict(zip(program.inputs, leaves))
+        _execute.evaluate(program.nodes, env)
+        return jax.tree.unflatten(jax.tree.structure(shape), [_execute.read(env, a) for a in program.outputs])
+
+    return call
 
 
 def compile_jax(fn, args) -> dict:
@@ -90,12 +108,16 @@ def bench_cnn(name: str, width: int, batch: int, repeats: int, zennit) -> dict:
     x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 32, 32, 3)), jnp.float32)
     target = jnp.argmax(model.apply(variables, x), -1)
 
-    def grad_x_input(variables, x):
-        logit = lambda x: jnp.take_along_axis(model.apply(variables, x), target[:, None], 1).sum()  # noqa: E731
+    def grad_x_input(variables, x, apply=model.apply):
+        logit = lambda x: jnp.take_along_axis(apply(variables, x), target[:, None], 1).sum()  # noqa: E731
         return jax.grad(logit)(x) * x
 
     rows = {"forward": compile_jax(model.apply, (variables, x)),
             "jax.grad": compile_jax(grad_x_input, (variables, x))}
+    if convolution.ENABLED:
+        rows["forward (rewritten)"] = compile_jax(rewritten(model.apply), (variables, x))
+        rows["jax.grad (rewritten)"] = compile_jax(lambda v, x: grad_x_input(v, x, rewritten(model.apply)),
+                                                   (variables, x))
     torch_model = cnns.to_torch(name, variables, width)
     x_torch = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
     seed = torch.eye(cnns.CLASSES)[torch.tensor(np.asarray(target))]

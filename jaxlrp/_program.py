@@ -38,6 +38,12 @@ CALLS = frozenset(
     "remat2 checkpoint call_hi_primitive".split()
 )
 
+# Primitives that jaxlrp computes another way when it re-runs a node, with the same values
+# (up to rounding): `name -> rewrite(args, params)`, a list of outputs, or None where the
+# primitive itself is faster. `jaxlrp._ops.convolution` registers `conv_general_dilated`
+# (im2col + matmul where XLA:CPU's convolution is slow).
+REWRITES: dict[str, Callable[[list, dict], list | None]] = {}
+
 # Primitives whose equation stays one node with a nested program: `params -> ClosedJaxpr`.
 # A `scan`'s body; `jaxlrp.extend.with_reference` adds its kernels' references.
 BODIES: dict[str, Callable[[dict], core.ClosedJaxpr]] = {"scan": lambda params: _internals.scan_layout(params).body}
@@ -89,7 +95,10 @@ class Node:
         With `dtype`, an accumulation dtype that the node asks for (`preferred_element_type`
         of a matmul or convolution) becomes `dtype`: for arguments cast to a wider type."""
         params = self.params if dtype is None else _internals.with_accumulation(self.params, dtype)
-        return _internals.bind(self.primitive, same_varying_axes(args), params)
+        args = same_varying_axes(args)
+        rewrite = REWRITES.get(self.name)
+        out = None if rewrite is None else rewrite(args, params)
+        return _internals.bind(self.primitive, args, params) if out is None else out
 
 
 varying_axes = _internals.varying_axes

@@ -6,6 +6,7 @@ Importing this package registers the built-in operations, in the same tables tha
 from jaxlrp._ops import (  # noqa: F401
     base,
     control,
+    convolution,
     embeddings,
     kernels,
     linear,
