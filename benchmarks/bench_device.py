@@ -7,7 +7,8 @@ in float32 and bfloat16, and the throughput of `explain_dataset`.
 For the VGG-16-like and ResNet-18-like CNNs (`tests/cnns.py`, 32x32x3 images) and the decoder of
 `bench_transformer.py`, in each dtype, all jitted, medians after a warm-up call interleaved over
 `--repeats`: `jax.grad` of the target logit (times the input for the CNNs) and jaxlrp's
-EpsilonPlusFlat and EpsilonGammaBox (AttnLRP and CPLRP for the decoder), each with XLA's memory
+EpsilonPlusFlat and EpsilonGammaBox (AttnLRP and CPLRP for the decoder, with and without
+`nn.remat` on its blocks), each with XLA's memory
 plan (temporaries plus output, from the compiled memory analysis); then `explain_dataset` of the
 VGG over 16 batches into an in-memory store, in samples per second with and without its compile.
 Needs no peer (no torch): it measures jaxlrp against the floor an LRP pass can approach. Sizes
@@ -54,8 +55,8 @@ def bench_cnn(name: str, dtype, size: dict, repeats: int) -> dict:
     return rows
 
 
-def bench_decoder(dtype, size: dict, repeats: int) -> dict:
-    model = bench_transformer.Decoder(size["layers"], size["model_width"], remat=False)
+def bench_decoder(dtype, size: dict, repeats: int, remat: bool = False) -> dict:
+    model = bench_transformer.Decoder(size["layers"], size["model_width"], remat=remat)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (size["decoder_batch"], size["length"]), 0,
                                 bench_transformer.VOCAB)
     params = cast(jax.jit(model.init)(jax.random.PRNGKey(1), tokens), dtype)
@@ -100,13 +101,17 @@ def main(argv=None) -> None:
     print(f"{machine}; sizes {size}")
     results = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        for model in ("vgg16", "resnet18", "decoder"):
-            rows = bench_decoder(dtype, size, args.repeats) if model == "decoder" else bench_cnn(
-                model, dtype, size, args.repeats)
+        # decoder-remat: nn.remat on every block, which jaxlrp's relevance pass checkpoints too (on
+        # an accelerator XLA keeps the recomputation, so its memory plan shows what is saved)
+        for model in ("vgg16", "resnet18", "decoder", "decoder-remat"):
+            if model.startswith("decoder"):
+                rows = bench_decoder(dtype, size, args.repeats, remat=model == "decoder-remat")
+            else:
+                rows = bench_cnn(model, dtype, size, args.repeats)
             add_ratios(rows)
             results[f"{model} {jnp.dtype(dtype).name}"] = rows
             for method, r in rows.items():
-                print(f"{model:<9} {jnp.dtype(dtype).name:<9} {method:<16} {1e3 * r['seconds']:>9.2f} ms "
+                print(f"{model:<13} {jnp.dtype(dtype).name:<9} {method:<16} {1e3 * r['seconds']:>9.2f} ms "
                       f"{r['vs_grad']:>5.2f}x grad  {r['peak_bytes'] / 2**20:>9.1f} MiB {r['memory_vs_grad']:>5.2f}x grad")
     results["explain_dataset"] = dataset = bench_dataset(size)
     print(f"explain_dataset (vgg16, float32): {dataset['samples']} samples in {dataset['seconds']:.2f} s, "
