@@ -79,17 +79,27 @@ def block_of(path: str, remat: Spec) -> tuple[str, Policy] | None:
 
 
 def regions(nodes: Sequence, describe: Callable[[str], tuple[str, Any]], remat: Spec) -> dict:
-    """`{node: regions}`, outermost first: those each node was traced in (`Node.remat`) and,
-    innermost, the block of `remat` its module path falls in."""
+    """`{node: regions}`, outermost first: those each node was traced in (`Node.remat`) and the
+    block of `remat` its module path falls in, nested where it belongs: around the model's own
+    regions that lie wholly inside the block, inside those that do not."""
+    if not remat:
+        return {node: node.remat for node in nodes if node.remat}
+    blocks = {node: block_of(describe(node.scope)[0], remat) for node in nodes}
+    within: dict[Region, set] = {}  # each model region: the blocks its nodes fall in
+    for node in nodes:
+        for region in node.remat:
+            within.setdefault(region, set()).add(None if blocks[node] is None else blocks[node][0])
     made: dict[str, Region] = {}
     out = {}
     for node in nodes:
-        block = block_of(describe(node.scope)[0], remat) if remat else None
-        if block is not None:
-            path, policy = block
-            out[node] = (*node.remat, made.setdefault(path, Region(policy, True, path)))
-        elif node.remat:
-            out[node] = node.remat
+        if blocks[node] is None:
+            if node.remat:
+                out[node] = node.remat
+            continue
+        path, policy = blocks[node]
+        block = made.setdefault(path, Region(policy, True, path))
+        inside = next((i for i, r in enumerate(node.remat) if within[r] == {path}), len(node.remat))
+        out[node] = (*node.remat[:inside], block, *node.remat[inside:])
     return out
 
 

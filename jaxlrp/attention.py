@@ -15,10 +15,15 @@ while the relevance of a key or value sums over every query block, as it sums ov
 in the dense computation. The map equals the dense one to float rounding; only the order of the
 sums over query blocks differs.
 
-With `axis_name`, inside `jax.shard_map` over a sequence sharded along that mesh axis: each
-device keeps its own queries and gathers the keys and values of every device (T × d per
-device), the causal mask offset by the device's position; relevance of the gathered keys and
-values returns to the device that holds them (the transpose of the gather sums over devices).
+With `axis_name`, inside `jax.shard_map` over a sequence sharded along that mesh axis (self-
+attention: each device holds as many queries as keys): each device keeps its own queries and
+gathers the keys and values of every device (T × d per device), the causal mask offset by the
+device's position; a bias or mask then spans the gathered keys. Relevance of the gathered keys
+and values returns to the device that holds them (the transpose of the gather sums over
+devices).
+
+The scores and the softmax are computed in float32 at least (as `jax.nn.dot_product_attention`
+does for bfloat16), the weights cast back to the values' dtype.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ def blockwise_attention(
     q = jnp.pad(query, ((0, 0), (0, padded), (0, 0), (0, 0))) if padded else query
     q = jnp.moveaxis(q.reshape(batch, blocks, size, heads, depth), 1, 0)
     groups = heads // kv_heads
+    for name, a in (("bias", bias), ("mask", mask)):
+        _check_broadcastable(name, a, (batch, heads, length, key.shape[1]))
     (bias, bias_rows), (mask, mask_rows) = (_split(a, padded, blocks, size) for a in (bias, mask))
     starts = offset + size * jnp.arange(blocks)
 
@@ -97,20 +104,34 @@ def blockwise_attention(
         bias_block = bias if bias_block is None else bias_block
         mask_block = mask if mask_block is None else mask_block
         q_block = q_block.reshape(batch, size, kv_heads, groups, depth)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_block, key) * jnp.asarray(scale, q_block.dtype)
+        # Scores and softmax at least in float32, as jax.nn.dot_product_attention computes them
+        wide = jnp.promote_types(q_block.dtype, jnp.float32)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_block, key, preferred_element_type=wide) * jnp.asarray(scale, wide)
         scores = scores.reshape(batch, heads, size, key.shape[1])
         if bias_block is not None:
             scores = scores + bias_block
         keep = _keep(mask_block, is_causal, start, size, key.shape[1])
         if keep is not None:
             scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
+        weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
         weights = weights.reshape(batch, kv_heads, groups, size, key.shape[1])
         return jnp.einsum("bkgts,bskh->btkgh", weights, value).reshape(batch, size, heads, depth)
 
     out = lax.map(rows, (q, starts, bias_rows, mask_rows))
     out = jnp.moveaxis(out, 0, 1).reshape(batch, blocks * size, heads, depth)
     return out[:, :length] if padded else out
+
+
+def _check_broadcastable(name: str, a, shape: tuple[int, ...]) -> None:
+    if a is None:
+        return
+    have = tuple(jnp.shape(a))
+    padded = (1,) * (len(shape) - len(have)) + have
+    if len(have) > len(shape) or any(h not in (1, n) for h, n in zip(padded, shape)):
+        raise ValueError(
+            f"jaxlrp.attention.blockwise_attention: {name} must broadcast to (B, N, T, S) = {shape} (the keys "
+            f"gathered over the mesh axis with axis_name); got shape {have}."
+        )
 
 
 def _split(a, padded: int, blocks: int, size: int):
@@ -144,11 +165,15 @@ def flax_attention_fn(*, is_causal: bool = False, block_size: int = 512) -> Call
     that computes it blockwise: `nn.MultiHeadDotProductAttention(..., attention_fn=
     flax_attention_fn(is_causal=True))`, called without a mask for causal attention in linear
     memory (a `mask=` passed to the module still works, as a `(B, 1, T, S)` array). Dropout on
-    the attention weights is not supported: called with a dropout rate and not deterministic, it
-    is an error."""
+    the attention weights and `sow_weights=True` are not supported: either is an error. Flax's
+    `precision` and `force_fp32_for_softmax` do not reach it (the scores and softmax are always
+    computed in float32 at least)."""
 
     def attention(query, key, value, bias=None, mask=None, *, dropout_rate=0.0, deterministic=True, dtype=None,
                   module=None, **_):
+        if module is not None:  # Flax passes the module only to sow the attention weights
+            raise ValueError("jaxlrp.attention.flax_attention_fn: sow_weights=True is not supported (the blockwise "
+                             "computation never holds the attention weights); call the module without it.")
         if dropout_rate > 0 and not deterministic:
             raise ValueError("jaxlrp.attention.flax_attention_fn: dropout on the attention weights is not supported; "
                              "call the module with deterministic=True (as when explaining) or dropout_rate=0.")

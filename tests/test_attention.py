@@ -43,6 +43,8 @@ CASES = {
     "bias": lambda: {"bias": jax.random.normal(jax.random.PRNGKey(3), (B, 1, T, T))},
     "mask and causal": lambda: {"mask": jax.random.uniform(jax.random.PRNGKey(4), (B, N, T, T)) > 0.2, "is_causal": True},
     "padding mask": lambda: {"mask": jnp.arange(T)[None, None, None, :] < jnp.array([T, 20])[:, None, None, None]},
+    "bias per key": lambda: {"bias": jax.random.normal(jax.random.PRNGKey(5), (B, N, 1, T))},
+    "a fully masked row": lambda: {"mask": (jnp.arange(T) != 3)[None, None, :, None] & jnp.ones((1, 1, 1, T), bool)},
 }
 
 
@@ -147,7 +149,8 @@ def test_memory_grows_linearly_with_the_sequence():
     dense = lambda *a: dense_attention(*a, is_causal=True)  # noqa: E731
     (temp_short, held_short), (temp_long, held_long) = (_memory(blocked, n) for n in (256, 1024))
     (dense_short, _), (dense_long, _) = (_memory(dense, n) for n in (256, 1024))
-    assert temp_long <= 5 * temp_short and held_long <= 5 * held_short, (temp_short, temp_long, held_short, held_long)
+    assert held_short > 0 and temp_long <= 5 * temp_short and held_long <= 5 * held_short, (temp_short, temp_long,
+                                                                                             held_short, held_long)
     assert dense_long >= 10 * dense_short, (dense_short, dense_long)
 
 
@@ -157,6 +160,22 @@ def test_errors():
         blockwise_attention(q[..., 0], k, v)
     with pytest.raises(ValueError, match="must divide"):
         blockwise_attention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match=r"mask must broadcast to \(B, N, T, S\)"):
+        blockwise_attention(q, k, v, mask=jnp.ones((B, N, T - 1, T), bool))
+
+
+def test_cross_attention_and_bfloat16_equal_jax():
+    """Fewer keys than queries, grouped heads, a causal mask; in bfloat16 within
+    jax.nn.dot_product_attention's own rounding of float32 (scores and softmax in float32)."""
+    q, _, _ = _qkv(jnp.float32)
+    k, v = (a[:, :29] for a in _qkv(jnp.float32)[1:])
+    ours = blockwise_attention(q, k, v, is_causal=True, block_size=8)
+    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=2e-6)
+    low = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    reference = jax.nn.dot_product_attention(*low, is_causal=True).astype(jnp.float32)
+    wide = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in low), is_causal=True)
+    ours = blockwise_attention(*low, is_causal=True, block_size=8).astype(jnp.float32)
+    assert float(jnp.abs(ours - wide).max()) <= 1.5 * float(jnp.abs(reference - wide).max()) + 1e-6
 
 
 @pytest.mark.float64

@@ -117,6 +117,7 @@ def test_unsupported_falls_back_to_lax(always):
     _close(ours(lhs, rhs), lax.conv_general_dilated(lhs, rhs, **kwargs))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is for XLA:CPU; elsewhere it is never used")
 def test_dispatch():
     """On CPU: the 2x2-pixel 3x3 convolution and depthwise ones, not the large-image ones, not
     4 groups, nothing when switched off."""
@@ -161,3 +162,16 @@ def test_vgg_map_same_with_and_without(monkeypatch):
     without, unused = _vgg_maps(False, monkeypatch)
     assert used >= 3 and unused == 0  # the 2x2 stage's three convolutions (and the rules' own)
     _close(with_patches, without)
+
+
+def test_depthwise_in_bfloat16_accumulates_as_xla_does():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 64), jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(1), (5, 5, 1, 64), jnp.bfloat16)
+    call = dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(1, 1), feature_group_count=64,
+                dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+    exact = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), **call)
+    ours = convolution.patches_conv(x, w, **call)
+    assert ours.dtype == jnp.bfloat16
+    xla = lax.conv_general_dilated(x, w, **call)
+    error = lambda y: float(jnp.mean(jnp.abs(y.astype(jnp.float32) - exact)))  # noqa: E731
+    assert error(ours) <= 1.2 * error(xla), (error(ours), error(xla))

@@ -116,8 +116,11 @@ def wins(lhs_shape, rhs_shape, out_spatial, numbers, groups) -> bool:
 def _on_cpu(x) -> bool:
     try:
         devices = x.devices()  # a concrete array
-    except Exception:  # a tracer: the backend jit compiles for
-        return jax.default_backend() == "cpu"
+    except Exception:  # a tracer: the device jit compiles for, jax.default_device's or the default backend's
+        device = jax.config.jax_default_device
+        if device is None:
+            return jax.default_backend() == "cpu"
+        return (device if isinstance(device, str) else device.platform) == "cpu"
     return all(d.platform == "cpu" for d in devices)
 
 
@@ -148,10 +151,11 @@ def patches_conv(lhs, rhs, *, window_strides, padding, rhs_dilation, dimension_n
     k = math.prod(kernel)
     outputs = w.shape[-1]
     if groups == channels and groups > 1:  # depthwise: elementwise products summed, one fusion
-        dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+        result = preferred_element_type or jnp.result_type(lhs, rhs)
+        dtype = jnp.promote_types(result, jnp.float32)  # accumulated at least in float32, as XLA's own
         w = w.reshape(k, groups, outputs // groups).astype(dtype)
         terms = (s[..., None].astype(dtype) * w[i] for i, s in enumerate(slices))
-        y = functools.reduce(operator.add, terms).reshape(batch, *out, outputs)
+        y = functools.reduce(operator.add, terms).reshape(batch, *out, outputs).astype(result)
     elif groups == 1:
         stacked = slices[0] if k == 1 else jnp.concatenate(slices, axis=-1)  # N, out..., K·C
         y = lax.dot_general(stacked, w.reshape(k * channels, outputs), (((nd + 1,), (0,)), ((), ())),

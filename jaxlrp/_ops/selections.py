@@ -13,7 +13,8 @@ GRADIENT = set(
     """reshape broadcast_in_dim squeeze expand_dims transpose concatenate stack slice dynamic_slice
     dynamic_update_slice gather scatter scatter-max scatter-min pad rev select_n max min reduce_max
     reduce_min reduce_window_max reduce_window_min copy convert_element_type reduce_precision split
-    sort cummax cummin stop_gradient optimization_barrier pvary pcast all_gather ppermute all_to_all""".split()
+    sort cummax cummin stop_gradient optimization_barrier pvary pcast all_gather ppermute all_to_all
+    name""".split()  # name: jax.ad_checkpoint.checkpoint_name, for save_only_these_names policies
 )
 
 
