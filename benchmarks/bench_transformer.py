@@ -65,20 +65,26 @@ class Decoder(nn.Module):
         return nn.Dense(VOCAB)(nn.RMSNorm()(x[:, -1]))
 
 
-def measure(fn, args, repeats: int) -> dict:
-    compiled_at = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - compiled_at
+def median_seconds(compiled, args, repeats: int) -> float:
+    """The median time of `repeats` calls of `compiled(*args)`, after a warm-up call."""
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(fn, args, repeats: int) -> dict:
+    compiled_at = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - compiled_at
+    seconds = median_seconds(compiled, args, repeats)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
     held = held_bytes(fn, *args)
-    return {"seconds": float(np.median(times)), "compile_seconds": compile_s, "temp_bytes": temp, "held_bytes": held}
+    return {"seconds": seconds, "compile_seconds": compile_s, "temp_bytes": temp, "held_bytes": held}
 
 
 def embedding_gradient(model, target, width):
