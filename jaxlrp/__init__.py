@@ -14,6 +14,7 @@ concepts (relevance at hidden layers, conditional relevance), `jaxlrp.viz` for p
 
 from jaxlrp import attention, attribution, composites, concepts, evaluate, extend, rules, viz
 from jaxlrp._dataset import CorruptChunkWarning, InvalidRowsWarning, explain_dataset
+from jaxlrp._generation import explain_generation
 from jaxlrp._hooks import Explanation
 from jaxlrp._layer import Layer
 from jaxlrp._lease import LeaseHeld
@@ -42,6 +43,7 @@ __all__ = [
     "concepts",
     "evaluate",
     "explain_dataset",
+    "explain_generation",
     "extend",
     "lrp",
     "lrp_fn",

@@ -9,6 +9,8 @@ Linen module     `lrp(model, composite)`              `(variables, x)`
 NNX module       `lrp(model, composite)`              `(x,)`, the module's current state read per call
 NNX GraphDef     `lrp(graphdef, composite)`           `(state, x)`
 plain function   `lrp_fn(fn, composite, argnums=1)`   `fn`'s own, `x` at `argnums` (a tuple: several)
+Keras model      `lrp(model, composite)`              `(x,)`, the model's current variables read per call
+Keras, pure      `lrp(model.stateless_call, c)`       `(trainable_variables, non_trainable_variables, x)`
 ===============  ===================================  ================================================
 
 `target=`, `conditions=` (and SmoothGrad's `key=`) are keyword-only; every other keyword of a
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlrp import _checks, _eager, _function, _linen, _nnx
+from jaxlrp import _checks, _eager, _function, _keras, _linen, _nnx
 from jaxlrp._program import Traced
 
 _KEYWORDS = "target= and conditions= are keyword-only"
@@ -183,6 +185,37 @@ class Function(Binding):
         return self._bound(kwargs)(*args)
 
 
+class KerasStateless(Binding):
+    """The pure Keras form, `lrp(model.stateless_call, composite)`: the variables' values are
+    arguments, in `stateless_call`'s order (one compiled function for every weight set)."""
+
+    family = "a Keras model's stateless_call"
+    form = ("trainable_variables", "non_trainable_variables", "x")
+
+    def __init__(self, model, output, kwargs):
+        _keras.check_backend(model)
+        super().__init__(model, output, kwargs)
+
+    def trace(self, others, x, kwargs):
+        return _keras.trace(self.model, others[0], others[1], x, self._merged(kwargs), self.output)
+
+    def apply(self, others, x, kwargs):
+        kwargs = {"training": False, **self._merged(kwargs)}
+        return self._select(self.model.stateless_call(others[0], others[1], x, **kwargs)[0])
+
+
+class Keras(KerasStateless):
+    """A Keras 3 model (JAX backend), explained as it is: its variables' current values are
+    read at each call (under `jax.jit`, baked in as constants)."""
+
+    family = "a Keras model"
+    form = ("x",)
+
+    def split(self, args):
+        _, x = super().split(args)
+        return _keras.variables(self.model), x
+
+
 def of(model, *, output: Callable | None = None, argnums: int | Sequence[int] | None = None, **kwargs) -> Binding:
     """The binding of `model`'s family; `kwargs` go to the model at every call, `argnums` (plain
     functions only, default 1) says which argument is explained."""
@@ -196,10 +229,17 @@ def of(model, *, output: Callable | None = None, argnums: int | Sequence[int] | 
             )
         family = NNXModule if isinstance(model, nnx.Module) else NNXGraphDef if isinstance(model, nnx.GraphDef) else Linen
         return family(model, output, kwargs)
+    if _keras.is_keras_model(model) or _keras.is_stateless_call(model):
+        if argnums is not None:
+            raise TypeError(
+                "jaxlrp: argnums= says which argument of a plain function is explained; a Keras model is "
+                "explained at x in the call form explain(x) (model.stateless_call: explain(trainable, non_trainable, x))."
+            )
+        return Keras(model, output, kwargs) if _keras.is_keras_model(model) else KerasStateless(model.__self__, output, kwargs)
     if callable(model):
         return Function(model, 1 if argnums is None else argnums, output, kwargs)
     raise TypeError(
-        f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs, and plain functions "
+        f"jaxlrp explains Flax Linen modules, NNX modules and NNX GraphDefs, Keras models, and plain functions "
         f"fn(params, x) (argnums= for other signatures); got {type(model).__name__}."
     )
 
@@ -225,7 +265,7 @@ def call_form(binding: Binding, method: Callable) -> Callable:
             return method(others, x, target=target, **kwargs)
         for leaf in jax.tree.leaves(x):
             _checks.check_input(leaf, values=False)
-        if target is not None and not isinstance(target, (jax.Array, np.ndarray)):
+        if isinstance(target, (int, float, list, tuple, np.generic)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, result, (input_finite, result_finite) = jitted(others, x, target=target, **kwargs)
         flags_traced = _eager.is_traced((input_finite, result_finite))  # a traced hyperparameter closed over
@@ -234,7 +274,8 @@ def call_form(binding: Binding, method: Callable) -> Callable:
                 _checks.check_input(leaf)  # the input itself is concrete: checked here
         elif not input_finite:
             _checks.raise_non_finite_input()
-        if target is not None and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim and _checks.is_concrete(target):
+        if isinstance(target, (jax.Array, np.ndarray)) and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim \
+                and _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
         if not flags_traced and not result_finite:
             _checks.raise_for_weights(others)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxlrp import _bindings, _checks, _hooks, _remat, _tokens, _warn, rules as _rules
+from jaxlrp import _bindings, _checks, _generation, _hooks, _remat, _tokens, _warn, rules as _rules
 from jaxlrp._execute import run
 from jaxlrp._hooks import Explanation
 from jaxlrp._plan import Plan, make_plan
@@ -357,7 +357,9 @@ def _output_and_relevance(
         return out, [stores[v][0] for v in recorded.values()]
 
     out, pullback, activations = jax.vjp(forward, primal, layer_taps, has_aux=True)
-    if _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
+    if isinstance(target, _generation.TokenTargets):  # explain_generation: a seed per generated token
+        (at_floats, at_taps), at_layers = jax.vmap(pullback)(target.seeds(out))
+    elif _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
         if _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
         weights = _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype)

@@ -1,5 +1,6 @@
 """Pictures of relevance: heatmaps on a symmetric scale (zero is the colour map's centre),
-overlays, labelled grids, faithfulness curves, PNG files and HTML token heatmaps.
+overlays, labelled grids, faithfulness curves, PNG files, HTML token heatmaps, and token
+matrices (what each generated token drew on, `jaxlrp.explain_generation`) as PNG or HTML.
 
 The colouring is NumPy and returns uint8 RGB arrays; drawing labels, curves and writing PNG
 files needs Pillow (`pip install 'jaxlrp[demo]'`).
@@ -20,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["COLORMAPS", "NAN_COLOUR", "curves", "grid", "heatmap", "image", "overlay", "save_png", "text_heatmap"]
+__all__ = ["COLORMAPS", "NAN_COLOUR", "curves", "grid", "heatmap", "image", "overlay", "save_png", "text_heatmap",
+           "token_matrix", "token_matrix_html"]
 
 NAN_COLOUR: tuple[int, int, int] = (255, 0, 255)
 """Magenta: the colour of a NaN or ±Inf pixel in `heatmap`, `image` and `overlay`, a colour no
@@ -251,6 +253,109 @@ def text_heatmap(tokens: Sequence[str], relevance) -> str:
         "<style>body{font-family:monospace;line-height:1.8}span{padding:1px 2px;margin:0 1px;"
         "white-space:pre}</style></head>\n<body>" + spans + "</body></html>\n"
     )
+
+
+def token_matrix(
+    tokens: Sequence[str],
+    relevance,
+    rows: Sequence[str] | None = None,
+    cell: int = 22,
+    cmap: str = "bwr",
+    level: float = 1.0,
+) -> np.ndarray:
+    """A `(K, T)` relevance matrix as a uint8 RGB picture: one row per explained (generated)
+    token, one column per token of the sequence, labelled with `rows` on the left (default
+    `0 … K−1`) and `tokens` on top, written vertically. Each row is coloured on its own
+    symmetric scale (as `heatmap`: red positive, blue negative, white zero, `level·max|R|` of
+    that row saturating), so a token that draws little relevance still shows where it looked;
+    NaN or ±Inf cells are `NAN_COLOUR` (magenta). Needs Pillow.
+
+    Example::
+
+        matrix = jaxlrp.explain_generation(model, composites.AttnLRP())(variables, ids, generated=5)
+        words = [vocabulary[i] for i in ids[0]]
+        viz.save_png("generation.png", viz.token_matrix(words, matrix[0], rows=words[5:]))
+    """
+    r = _token_matrix(tokens, relevance, rows, "token_matrix")
+    rows = [str(k) for k in range(r.shape[0])] if rows is None else [str(row) for row in rows]
+    if not (isinstance(cell, int) and cell >= 4):
+        raise ValueError(f"jaxlrp.viz.token_matrix: cell is the side of a cell in pixels, an int >= 4; got {cell!r}.")
+    Image, ImageDraw = _pillow()
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(text: str) -> int:
+        left, _, right, _ = measure.textbbox((0, 0), text, font=font)
+        return right - left
+
+    pad = 4
+    left = max(width(row) for row in rows) + 2 * pad
+    top = max(width(str(t)) for t in tokens) + 2 * pad
+    k, t = r.shape
+    picture = Image.new("RGB", (left + t * cell + pad, top + k * cell + pad), (255, 255, 255))
+    colours = heatmap(r[:, None, :], cmap=cmap, level=level)[:, 0]  # (K, T, 3), a scale per row
+    cells = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+    picture.paste(Image.fromarray(cells), (left, top))
+    draw = ImageDraw.Draw(picture)
+    for i, row in enumerate(rows):
+        draw.text((left - pad - width(row), top + i * cell + cell // 2), row, fill=(0, 0, 0), font=font, anchor="lm")
+    for j, token in enumerate(tokens):  # each label drawn sideways, reading upwards
+        label = Image.new("RGB", (width(str(token)) + 2, cell), (255, 255, 255))
+        ImageDraw.Draw(label).text((1, cell // 2), str(token), fill=(0, 0, 0), font=font, anchor="lm")
+        label = label.rotate(90, expand=True)
+        picture.paste(label, (left + j * cell, top - pad - label.height))
+    for i in range(k + 1):  # thin grid lines between cells
+        draw.line([(left, top + i * cell), (left + t * cell, top + i * cell)], fill=(220, 220, 220))
+    for j in range(t + 1):
+        draw.line([(left + j * cell, top), (left + j * cell, top + k * cell)], fill=(220, 220, 220))
+    return np.asarray(picture)
+
+
+def token_matrix_html(tokens: Sequence[str], relevance, rows: Sequence[str] | None = None) -> str:
+    """The `(K, T)` relevance matrix of `token_matrix` as a self-contained HTML page: a table
+    with the tokens as column headers, `rows` as row headers, each cell coloured on its row's
+    symmetric scale with its value in the tooltip."""
+    r = _token_matrix(tokens, relevance, rows, "token_matrix_html")
+    rows = [str(k) for k in range(r.shape[0])] if rows is None else [str(row) for row in rows]
+    colours = heatmap(r[:, None, :])[:, 0]
+    header = "".join(f"<th><span>{html.escape(str(t))}</span></th>" for t in tokens)
+    body = "".join(
+        f"<tr><th>{html.escape(row)}</th>" + "".join(
+            f'<td title="{value:.4g}" style="background:rgb({c[0]},{c[1]},{c[2]})"></td>'
+            for value, c in zip(values, row_colours.tolist())
+        ) + "</tr>"
+        for row, values, row_colours in zip(rows, r, colours)
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>jaxlrp token relevance matrix</title>'
+        "<style>body{font-family:monospace}table{border-collapse:collapse}td{width:18px;height:18px;"
+        "border:1px solid #ddd}th{font-weight:normal;padding:0 4px;text-align:right}thead th span{"
+        "writing-mode:vertical-rl;transform:rotate(180deg)}</style></head>\n<body><table><thead><tr><th></th>"
+        + header + "</tr></thead><tbody>" + body + "</tbody></table></body></html>\n"
+    )
+
+
+def _token_matrix(tokens, relevance, rows, caller: str) -> np.ndarray:
+    r = np.asarray(relevance, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(
+            f"jaxlrp.viz.{caller}: expected one sequence's matrix of shape (K, T), got {r.shape}; "
+            f"explain_generation returns (batch, K, T): pass matrix[b]."
+        )
+    if len(tokens) != r.shape[1]:
+        raise ValueError(f"jaxlrp.viz.{caller}: {len(tokens)} tokens but the matrix has {r.shape[1]} columns.")
+    if rows is not None and len(rows) != r.shape[0]:
+        raise ValueError(f"jaxlrp.viz.{caller}: {len(rows)} row labels but the matrix has {r.shape[0]} rows.")
+    return r
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the bitmap font alone
+        return ImageFont.load_default()
 
 
 _LINE_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189),

@@ -1,4 +1,4 @@
-"""Test settings: JAX's default numerics unless a test asks for float64; 8 CPU devices.
+"""Test settings: JAX's default numerics unless a test asks for float64; 8 CPU devices; Keras on its JAX backend.
 
 Users run JAX with `jax_enable_x64` off, so every test does too, unless it (or its module,
 through `pytestmark`) carries the `float64` marker: the parity tests against the peers and the
@@ -10,6 +10,7 @@ error) instead of silently computing in float32.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras reads it once, when first imported
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

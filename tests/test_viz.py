@@ -100,3 +100,43 @@ def test_text_heatmap_colours_each_token_and_escapes_it():
 def test_text_heatmap_checks_lengths():
     with pytest.raises(ValueError, match="2 tokens but 3"):
         viz.text_heatmap(["a", "b"], np.zeros(3))
+
+
+def test_token_matrix_colours_each_row_on_its_own_scale(tmp_path):
+    r = np.zeros((2, 4))
+    r[0, 1], r[0, 2] = 2.0, -2.0  # row 0: one red cell, one blue
+    r[1, 0] = 1e-6  # row 1: tiny, still saturated red on its own scale
+    r[1, 3] = np.nan
+    cell = 10
+    picture = viz.token_matrix(["a", "bb", "<c>", "d"], r, rows=["x", "y"], cell=cell)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    # the cells sit at the bottom right, before a 4-pixel margin: find them from there
+    bottom, right = picture.shape[0] - 4, picture.shape[1] - 4
+    top, left = bottom - 2 * cell, right - 4 * cell
+
+    def centre(i, j):
+        return tuple(picture[top + i * cell + cell // 2, left + j * cell + cell // 2])
+
+    assert centre(0, 1) == (255, 0, 0) and centre(0, 2) == (0, 0, 255) and centre(0, 0) == (255, 255, 255)
+    assert centre(1, 0) == (255, 0, 0) and centre(1, 3) == viz.NAN_COLOUR
+    assert (picture[:top, :, 0] < 128).any(), "column labels are drawn above the cells"
+    assert (picture[top:, :left, 0] < 128).any(), "row labels are drawn left of the cells"
+    viz.save_png(tmp_path / "matrix.png", picture)
+    assert Image.open(tmp_path / "matrix.png").size == (picture.shape[1], picture.shape[0])
+
+
+def test_token_matrix_html_escapes_and_colours():
+    r = np.array([[1.0, -1.0, 0.0]])
+    page = viz.token_matrix_html(["<b>", "&", "c"], r, rows=["<gen>"])
+    assert "&lt;b&gt;" in page and "&amp;" in page and "&lt;gen&gt;" in page and "<b>" not in page
+    assert "background:rgb(255,0,0)" in page and "background:rgb(0,0,255)" in page
+    assert page.count("<td ") == 3
+
+
+def test_token_matrix_checks_shapes():
+    with pytest.raises(ValueError, match=r"\(K, T\).*matrix\[b\]"):
+        viz.token_matrix(["a"], np.zeros((1, 2, 1)))
+    with pytest.raises(ValueError, match="2 tokens but the matrix has 3 columns"):
+        viz.token_matrix(["a", "b"], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="1 row labels but the matrix has 2 rows"):
+        viz.token_matrix_html(["a", "b"], np.zeros((2, 2)), rows=["x"])

@@ -4,7 +4,8 @@
 wider dtype (`jax.nn.softmax` in bfloat16 converts exp's output to float32, sums, and converts
 the sum back). The step's rule sees the output and the axes (AttnLRP Prop. 3.1). Under CP-LRP
 (`hold` has "softmax") the softmax's output is a constant where it is used, past reshapes,
-dtype conversions and a mask multiplied in afterwards (`keras.layers.Softmax(mask=...)`).
+dtype conversions and a mask applied afterwards, multiplied in (`keras.layers.Softmax(mask=...)`)
+or selected (`jnp.where(mask, s, 0)`, Keras's `MultiHeadAttention` on its einsum path).
 """
 
 from __future__ import annotations
@@ -103,11 +104,12 @@ def _softmax_nodes(planner, node: Node):
 
 def _as_used(planner, value: Value) -> Value:
     """A softmax's output as its users read it: past reshapes, dtype conversions and a mask
-    multiplied in afterwards, each its single use."""
+    multiplied in or selected afterwards (`where(mask, s, fill)`), each its single use."""
     while len(users := planner.flow.users(value)) == 1 and (user := users[0]) is not None:
         others = [a for a in user.inputs if a is not value]
         reshaped = user.name in RESHAPING and len(user.inputs) == 1
-        masked = user.name == "mul" and len(others) == 1 and not planner.carries(others[0])
+        mask = (user.name == "mul" and len(others) == 1) or (user.name == "select_n" and len(others) >= 2)
+        masked = mask and not any(planner.carries(a) for a in others)
         if not (reshaped or masked):
             break
         value = user.outputs[0]
