@@ -90,7 +90,9 @@ def token_targets(ids, generated) -> TokenTargets:
     return TokenTargets(positions - 1, classes)
 
 
-def explain_generation(model, composite: Composite, *, output: Callable | None = None, **model_kwargs) -> Callable:
+def explain_generation(
+    model, composite: Composite, *, output: Callable | None = None, tokens: Callable | None = None, **model_kwargs
+) -> Callable:
     """For a causal language model, the relevance of each token for each generated token.
 
     Returns `explain(*args, generated, conditions=None, **kwargs)`, in the model's call form
@@ -103,7 +105,10 @@ def explain_generation(model, composite: Composite, *, output: Callable | None =
     a causal model gives the tokens after `p − 1` none.
 
     The model returns logits of shape `(batch, T, vocab)` (`output=` selects them from a dict
-    or dataclass). One forward pass serves every generated token; their K backward passes are
+    or dataclass). An input that is a dict or another pytree (keras-hub's `{"token_ids": ...,
+    "padding_mask": ...}`) names its ids with `tokens=`, a function of the input
+    (`tokens=lambda x: x["token_ids"]`); the result is then that pytree, each leaf `(batch, K,
+    ...)` (a mask's relevance is zero). One forward pass serves every generated token; their K backward passes are
     vmapped, so memory grows with K · T · vocab at the logits. It equals K calls of `jaxlrp.lrp`,
     each seeded with that one logit, and composes with `jax.jit` and `jax.vmap` as `lrp` does.
     `jaxlrp.viz.token_matrix` draws the result (PNG) and `viz.token_matrix_html` writes it as
@@ -120,8 +125,8 @@ def explain_generation(model, composite: Composite, *, output: Callable | None =
     with_output = _bindings.call_form(binding, explained(binding, composite))
 
     def explain(*args, generated, conditions=None, **kwargs):
-        _, ids = binding.split(args)
-        targets = token_targets(ids, generated)
+        _, x = binding.split(args)
+        targets = token_targets(x if tokens is None else tokens(x), generated)
         if conditions is not None:
             kwargs["conditions"] = conditions
         _, relevance = with_output(*args, target=targets, **kwargs)

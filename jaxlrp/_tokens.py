@@ -41,8 +41,10 @@ class TokenRead:
 
 
 def token_reads(plan, leaves: list, floats: list[int]) -> list[TokenRead]:
-    """Where each lookup's ids come from; an error when an integer input reaches no lookup or
-    a lookup's ids come from several inputs or positions at once."""
+    """Where each lookup's ids come from; an error when a lookup's ids come from several inputs
+    or positions at once, or when no input carries relevance (an integer input alone that
+    reaches no lookup). An integer leaf of a pytree input that reaches no lookup while others
+    carry relevance (a padding mask, positions, a graph's indices) is structure (`structure`)."""
     program = plan.program
     first = len(program.inputs) - len(leaves)
     codes = {program.inputs[first + i]: (i, np.arange(np.size(leaf)).reshape(np.shape(leaf)))
@@ -53,14 +55,20 @@ def token_reads(plan, leaves: list, floats: list[int]) -> list[TokenRead]:
     reads = []
     for tap in plan.taps():
         reads.append(_read(tap.index, tap.node, codes))
-    for i, leaf in enumerate(leaves):
-        if i not in floats and not any(r.leaf == i for r in reads):
-            raise TypeError(
-                f"jaxlrp: an integer input carries no relevance itself; it is explained through the embedding "
-                f"lookups its ids index (a gather of float rows from a parameter table), and input {i} (shape "
-                f"{tuple(np.shape(leaf))}) reaches none. Pass a floating-point input."
-            )
+    if not floats and not reads:
+        i, leaf = next((i, leaf) for i, leaf in enumerate(leaves) if i not in floats)
+        raise TypeError(
+            f"jaxlrp: an integer input carries no relevance itself; it is explained through the embedding "
+            f"lookups its ids index (a gather of float rows from a parameter table), and input {i} (shape "
+            f"{tuple(np.shape(leaf))}) reaches none. Pass a floating-point input."
+        )
     return reads
+
+
+def structure(reads: list[TokenRead], leaves: list, floats: list[int]) -> list[int]:
+    """The integer leaves that no lookup reads: structure (masks, positions, indices), whose
+    relevance is zero."""
+    return [i for i in range(len(leaves)) if i not in floats and not any(r.leaf == i for r in reads)]
 
 
 def token_relevance(reads: list[TokenRead], at_taps: list, leaves: list) -> dict[int, jax.Array]:

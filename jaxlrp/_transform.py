@@ -357,12 +357,16 @@ def _output_and_relevance(
         return out, [stores[v][0] for v in recorded.values()]
 
     out, pullback, activations = jax.vjp(forward, primal, layer_taps, has_aux=True)
+    lead = ()  # the leading axis of many seeds
     if isinstance(target, _generation.TokenTargets):  # explain_generation: a seed per generated token
-        (at_floats, at_taps), at_layers = jax.vmap(pullback)(target.seeds(out))
+        seeds = target.seeds(out)
+        lead = seeds.shape[:1]
+        (at_floats, at_taps), at_layers = jax.vmap(pullback)(seeds)
     elif _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
         if _checks.is_concrete(target):
             _checks.check_classes(target, out.shape[-1])
         weights = _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype)
+        lead = weights.shape[:1]
         (at_floats, at_taps), at_layers = jax.vmap(pullback)(weights * out)
     else:
         (at_floats, at_taps), at_layers = pullback(_seed(out, target, _checks.batch_of(leaves)))
@@ -371,6 +375,8 @@ def _output_and_relevance(
         per_leaf[i] = r
     for i, r in _tokens.token_relevance(reads, at_taps, leaves).items():
         per_leaf[i] = r  # token ids: the relevance at their embeddings, summed over features
+    for i in _tokens.structure(reads, leaves, floats):  # a mask, positions, indices: no relevance
+        per_leaf[i] = jnp.zeros((*lead, *jnp.shape(leaves[i])), out.dtype)
     relevance = treedef.unflatten(per_leaf)
     if not record:
         return out, relevance

@@ -31,6 +31,12 @@ NAMED = {
 }
 
 
+# Each named composite once, the dtypes alternating: the transformation tests check jit, vmap
+# and shard_map per composite without running every composite in every precision (suite time).
+NAMED_ONCE = [pytest.param(name, dtype.values[0], id=f"{name}-{dtype.id}", marks=dtype.marks)
+              for name, dtype in zip(NAMED, PRECISIONS * len(NAMED))]
+
+
 class CNN(nn.Module):
     """conv, BatchNorm, relu, max-pool, residual add, mean pooling, dense."""
 

@@ -92,9 +92,9 @@ def _relative_l2(a, b) -> float:
 
 def test_half_precision_cnns_against_float32_on_the_same_weights():
     """The ResNet-18-like benchmark CNN (width 8) with bfloat16 parameters and activations,
-    against float32 on the same (rounded) weights and inputs, for EpsilonPlusFlat and
-    EpsilonAlpha2Beta1Flat. The EpsilonGammaBox, float16 and VGG figures were measured with the
-    same code and are not run (the suite's time).
+    against float32 on the same (rounded) weights and inputs, for EpsilonAlpha2Beta1Flat, the
+    most sensitive composite. The EpsilonPlusFlat, EpsilonGammaBox, float16 and VGG figures were
+    measured with the same code and are not run (the suite's time).
 
     Measured (relative L2; float16 / bfloat16): VGG EpsilonPlusFlat 0.004 / 0.018 (0.027 on
     the first two samples alone),
@@ -120,8 +120,7 @@ def test_half_precision_cnns_against_float32_on_the_same_weights():
         return jax.grad(logit)(x) * x
 
     bound = _relative_l2(grad_x_input(model_low, variables_low, x), grad_x_input(model32, same, x.astype(jnp.float32)))
-    for name, composite in (("EpsilonPlusFlat", composites.EpsilonPlusFlat()),
-                            ("EpsilonAlpha2Beta1Flat", composites.EpsilonAlpha2Beta1Flat())):  # γ: measured
+    for name, composite in (("EpsilonAlpha2Beta1Flat", composites.EpsilonAlpha2Beta1Flat()),):  # the others: measured
         relevance = jaxlrp.lrp(model_low, composite)(variables_low, x, target=target)
         assert relevance.dtype == low and bool(jnp.all(jnp.isfinite(relevance)))
         distance = _relative_l2(relevance, jaxlrp.lrp(model32, composite)(same, x.astype(jnp.float32), target=target))

@@ -124,3 +124,25 @@ def test_a_lookup_inside_a_scan_is_an_error_that_says_what_to_do():
 
     with pytest.raises(jaxlrp.UnsupportedOperation, match="inside a `scan` body.*before the loop"):
         jaxlrp.lrp_fn(rnn, COMPOSITE)(params, tokens)
+
+
+def test_integer_leaves_that_no_lookup_reads_are_structure():
+    """A dict input as keras-hub's language models take it: the ids are looked up, the padding
+    mask only selects. The mask's relevance is zero, and the ids' equals the map with the mask
+    passed as a constant; many targets keep the leading axis on both."""
+    table = jnp.asarray(RNG.normal(size=(9, 3)))
+    params = {**_params(12), "table": table}
+    ids = jnp.asarray(RNG.integers(0, 9, (2, 4)))
+    mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+    def model(p, x):
+        embedded = p["table"][x["ids"]] * x["mask"][..., None]
+        return _head(p, embedded)
+
+    relevance = jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "mask": mask}, target=1)
+    assert relevance["mask"].shape == mask.shape and not np.any(np.asarray(relevance["mask"]))
+    constant = jaxlrp.lrp_fn(lambda p, t: model(p, {"ids": t, "mask": mask}), COMPOSITE)(params, ids, target=1)
+    np.testing.assert_allclose(relevance["ids"], constant, rtol=1e-12)
+    assert np.all(np.asarray(relevance["ids"])[mask == 0] == 0) and np.any(np.asarray(relevance["ids"]))
+    both = jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "mask": mask}, target=jnp.array([[0, 1], [2, 1]]))
+    assert both["ids"].shape == (2, 2, 4) and both["mask"].shape == (2, 2, 4)
