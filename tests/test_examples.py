@@ -17,9 +17,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = (
     "flax_resnet", "equinox_model", "haiku_model", "nnx_orbax", "sharded_batch", "vit_digits", "nnx_language_model",
-    "concepts",
+    "concepts", "keras_hub_llm",
 )
-WRITES_FILES = ("vit_digits", "nnx_language_model", "concepts")  # these get --out in a temporary folder
+WRITES_FILES = ("vit_digits", "nnx_language_model", "concepts", "keras_hub_llm")  # these get --out in a temporary folder
 TIMEOUT_S = 120
 
 
@@ -172,3 +172,12 @@ def test_concepts(runs):
     assert abs(_number(out, "conditional maps / map:") - 1.0) < 1e-4  # the channels' maps add up to the map
     assert len(re.findall(r"  Conv_1\[\d+\]: digits \[\d+, \d+, \d+, \d+\]", out)) == 4  # 4 references each
     assert _written(out, ".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_keras_hub_llm(runs):
+    out = _output(runs, "keras_hub_llm")
+    assert _number(out, "copy accuracy") >= 0.9, out  # it learned to copy
+    for name in ("AttnLRP", "CP-LRP"):  # each copied token's relevance is on the token it copies
+        assert _number(out, f"{name}: source token top-1") >= 0.9, out
+    written = re.search(r"wrote (\S+) and (\S+)", out)
+    assert written and all(pathlib.Path(p).stat().st_size > 0 for p in written.groups()), out
