@@ -200,7 +200,7 @@ class KerasStateless(Binding):
         return _keras.trace(self.model, others[0], others[1], x, self._merged(kwargs), self.output)
 
     def apply(self, others, x, kwargs):
-        kwargs = {"training": False, **self._merged(kwargs)}
+        kwargs = _keras.call_kwargs(self.model, self._merged(kwargs))
         return self._select(self.model.stateless_call(others[0], others[1], x, **kwargs)[0])
 
 
@@ -221,6 +221,13 @@ def of(model, *, output: Callable | None = None, argnums: int | Sequence[int] | 
     functions only, default 1) says which argument is explained."""
     if output is not None and not callable(output):
         raise TypeError(f"jaxlrp: output= is a function of the model's output (what to explain), got {output!r}.")
+    if _keras.is_keras_model(model) or _keras.is_stateless_call(model):  # first: with KERAS_NNX_ENABLED a
+        if argnums is not None:                                          # Keras layer is an nnx.Module too
+            raise TypeError(
+                "jaxlrp: argnums= says which argument of a plain function is explained; a Keras model is "
+                "explained at x in the call form explain(x) (model.stateless_call: explain(trainable, non_trainable, x))."
+            )
+        return Keras(model, output, kwargs) if _keras.is_keras_model(model) else KerasStateless(model.__self__, output, kwargs)
     if isinstance(model, (nn.Module, nnx.Module, nnx.GraphDef)):
         if argnums is not None:
             raise TypeError(
@@ -229,13 +236,6 @@ def of(model, *, output: Callable | None = None, argnums: int | Sequence[int] | 
             )
         family = NNXModule if isinstance(model, nnx.Module) else NNXGraphDef if isinstance(model, nnx.GraphDef) else Linen
         return family(model, output, kwargs)
-    if _keras.is_keras_model(model) or _keras.is_stateless_call(model):
-        if argnums is not None:
-            raise TypeError(
-                "jaxlrp: argnums= says which argument of a plain function is explained; a Keras model is "
-                "explained at x in the call form explain(x) (model.stateless_call: explain(trainable, non_trainable, x))."
-            )
-        return Keras(model, output, kwargs) if _keras.is_keras_model(model) else KerasStateless(model.__self__, output, kwargs)
     if callable(model):
         return Function(model, 1 if argnums is None else argnums, output, kwargs)
     raise TypeError(
@@ -263,15 +263,16 @@ def call_form(binding: Binding, method: Callable) -> Callable:
         others, x = binding.split(args)
         if _eager.is_traced((others, x, target, kwargs)):
             return method(others, x, target=target, **kwargs)
-        for leaf in jax.tree.leaves(x):
-            _checks.check_input(leaf, values=False)
+        leaves = jax.tree.leaves(x)
+        for leaf in leaves:
+            _checks.check_input(leaf, values=False, booleans=len(leaves) > 1)
         if isinstance(target, (int, float, list, tuple, np.generic)):
             target = jnp.asarray(target)  # traced, so that a new class does not recompile
         out, result, (input_finite, result_finite) = jitted(others, x, target=target, **kwargs)
         flags_traced = _eager.is_traced((input_finite, result_finite))  # a traced hyperparameter closed over
         if flags_traced:
-            for leaf in jax.tree.leaves(x):
-                _checks.check_input(leaf)  # the input itself is concrete: checked here
+            for leaf in leaves:
+                _checks.check_input(leaf, booleans=len(leaves) > 1)  # the input itself is concrete: checked here
         elif not input_finite:
             _checks.raise_non_finite_input()
         if isinstance(target, (jax.Array, np.ndarray)) and jnp.issubdtype(target.dtype, jnp.integer) and out.ndim \

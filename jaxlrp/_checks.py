@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_input(x, values: bool = True) -> None:
-    """An error for an input that is not floats or integer ids, or is empty; with `values`, for a
-    concrete float input holding NaN or Inf."""
+def check_input(x, values: bool = True, booleans: bool = False) -> None:
+    """An error for an input that is not floats or integer ids (`booleans`: or bools, a mask
+    beside other leaves of a pytree input), or is empty; with `values`, for a concrete float
+    input holding NaN or Inf."""
     dtype = jnp.result_type(x)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    allowed = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if not (allowed or (booleans and dtype == jnp.bool_)):
         raise TypeError(
             f"jaxlrp explains floating-point inputs (or integer token ids for models that start with "
             f"an embedding), got an input of dtype {dtype}."

@@ -52,7 +52,9 @@ def token_targets(ids, generated) -> TokenTargets:
         what = f"{ids.dtype}{list(ids.shape)}" if hasattr(ids, "dtype") else type(ids).__name__
         raise TypeError(
             f"jaxlrp.explain_generation explains token ids, an int array of shape (batch, T), whose later "
-            f"tokens were generated from the earlier ones; got {what}."
+            f"tokens were generated from the earlier ones; got {what}. For a dict or other pytree input, "
+            f"name the ids with tokens= (explain_generation(model, composite, tokens=lambda x: x['token_ids'])); "
+            f"under jax.vmap, the ids keep their batch axis (ids[None])."
         )
     batch, length = ids.shape
     if isinstance(generated, (int, np.integer)) and not isinstance(generated, bool):
@@ -91,7 +93,13 @@ def token_targets(ids, generated) -> TokenTargets:
 
 
 def explain_generation(
-    model, composite: Composite, *, output: Callable | None = None, tokens: Callable | None = None, **model_kwargs
+    model,
+    composite: Composite,
+    *,
+    output: Callable | None = None,
+    tokens: Callable | None = None,
+    remat=None,
+    **model_kwargs,
 ) -> Callable:
     """For a causal language model, the relevance of each token for each generated token.
 
@@ -109,7 +117,8 @@ def explain_generation(
     "padding_mask": ...}`) names its ids with `tokens=`, a function of the input
     (`tokens=lambda x: x["token_ids"]`); the result is then that pytree, each leaf `(batch, K,
     ...)` (a mask's relevance is zero). One forward pass serves every generated token; their K backward passes are
-    vmapped, so memory grows with K · T · vocab at the logits. It equals K calls of `jaxlrp.lrp`,
+    vmapped, so memory grows with K · T · vocab at the logits (`remat=` checkpoints blocks, as in
+    `lrp`). Ids outside the logits' vocabulary are an error. It equals K calls of `jaxlrp.lrp`,
     each seeded with that one logit, and composes with `jax.jit` and `jax.vmap` as `lrp` does.
     `jaxlrp.viz.token_matrix` draws the result (PNG) and `viz.token_matrix_html` writes it as
     an HTML table.
@@ -122,14 +131,23 @@ def explain_generation(
     binding = _bindings.of(model, output=output, **model_kwargs)
     from jaxlrp._transform import explained  # _transform builds on this module's targets
 
-    with_output = _bindings.call_form(binding, explained(binding, composite))
+    with_output = _bindings.call_form(binding, explained(binding, composite, remat=remat))
 
     def explain(*args, generated, conditions=None, **kwargs):
+        if "target" in kwargs:
+            raise TypeError(
+                "jaxlrp.explain_generation: generated= says which tokens are explained (the logit of each "
+                "generated token, at the position before it); there is no target=."
+            )
         _, x = binding.split(args)
         targets = token_targets(x if tokens is None else tokens(x), generated)
         if conditions is not None:
             kwargs["conditions"] = conditions
-        _, relevance = with_output(*args, target=targets, **kwargs)
-        return jax.tree.map(lambda r: jnp.moveaxis(r, 0, 1), relevance)
+        out, relevance = with_output(*args, target=targets, **kwargs)
+        if _checks.is_concrete(targets.classes) and out.ndim == 3:
+            _checks.check_classes(targets.classes, out.shape[-1], "jaxlrp.explain_generation (token ids as classes)")
+        # (K, batch, ...) -> (batch, K, ...); a leaf without a batch axis keeps K in front
+        return jax.tree.map(lambda r: jnp.moveaxis(r, 0, 1) if r.ndim >= 2 else r, relevance)
 
+    explain.clear_cache, explain.cache_size = with_output.clear_cache, with_output.cache_size
     return explain

@@ -83,26 +83,48 @@ def describe_layers(model):
     return describe
 
 
-def trace(model, trainable: list, non_trainable: list, x, call_kwargs: dict, output=None) -> Traced:
+def call_kwargs(model, kwargs: dict) -> dict:
+    """`kwargs` with `training=False` (inference mode), where the model's `call` takes it:
+    `stateless_call` calls `call` directly, without Keras's own check."""
+    takes_training = getattr(model, "_call_has_training_arg", True)
+    return {"training": False, **kwargs} if takes_training else dict(kwargs)
+
+
+def trace(model, trainable: list, non_trainable: list, x, kwargs: dict, output=None) -> Traced:
     """Traces `model.stateless_call(trainable, non_trainable, x, training=False)` (and
     `output` applied to what it returns, when given)."""
-    kwargs = {"training": False, **call_kwargs}
+    kwargs = call_kwargs(model, kwargs)
+    variables = (*model.trainable_variables, *model.non_trainable_variables)
+    params = (list(trainable), list(non_trainable))
+    _check_values(model, params, len(model.trainable_variables), len(model.non_trainable_variables))
 
     def apply(params, x):
         trainable, non_trainable = params
         out, _ = model.stateless_call(trainable, non_trainable, x, **kwargs)
         return out if output is None else output(out)
 
-    params = (list(trainable), list(non_trainable))
     closed = jax.make_jaxpr(apply)(params, x)
-    names = [_names(v.path) for v in (*model.trainable_variables, *model.non_trainable_variables)]
-    leaves = jax.tree.leaves(params)
-    if len(names) != len(leaves):
+    return Traced(closed, jax.tree.leaves(params), describe_layers(model), [_names(v.path) for v in variables])
+
+
+def _check_values(model, params: tuple, trainable: int, non_trainable: int) -> None:
+    """One array per variable, in `stateless_call`'s order: the values, not the variables."""
+    import keras
+
+    given = tuple(len(p) for p in params)
+    leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, keras.Variable))
+    if given != (trainable, non_trainable) or len(leaves) != trainable + non_trainable:
         raise ValueError(
-            f"jaxlrp: the Keras model {model.name!r} has {len(names)} variables but {len(leaves)} values were "
-            f"given (stateless_call(trainable_variables, non_trainable_variables, x) takes one value per variable)."
+            f"jaxlrp: the Keras model {model.name!r} has {trainable} trainable and {non_trainable} non-trainable "
+            f"variables; got {given[0]} and {given[1]} values. The pure form is explain(trainable, non_trainable, "
+            f"x), one array per variable: [v.value for v in model.trainable_variables], likewise the others."
         )
-    return Traced(closed, leaves, describe_layers(model), names)
+    if any(isinstance(v, keras.Variable) for v in leaves):
+        raise TypeError(
+            f"jaxlrp: the pure form of the Keras model {model.name!r} takes the variables' values, not the "
+            f"variables: [v.value for v in model.trainable_variables] and [v.value for v in "
+            f"model.non_trainable_variables]."
+        )
 
 
 def _names(path: str) -> tuple[str, ...]:

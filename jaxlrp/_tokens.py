@@ -65,10 +65,34 @@ def token_reads(plan, leaves: list, floats: list[int]) -> list[TokenRead]:
     return reads
 
 
-def structure(reads: list[TokenRead], leaves: list, floats: list[int]) -> list[int]:
-    """The integer leaves that no lookup reads: structure (masks, positions, indices), whose
-    relevance is zero."""
-    return [i for i in range(len(leaves)) if i not in floats and not any(r.leaf == i for r in reads)]
+def structure(plan, reads: list[TokenRead], leaves: list, floats: list[int]) -> list[int]:
+    """The integer (or bool) leaves that no lookup reads: structure (masks, positions, indices),
+    whose relevance is zero. One that reaches a matmul or convolution as floats computed from it
+    alone, against another operand (a one-hot lookup, `one_hot(ids) @ table`), is an error: its
+    relevance would be read nowhere, and its share of the output would go elsewhere."""
+    chosen = [i for i in range(len(leaves)) if i not in floats and not any(r.leaf == i for r in reads)]
+    program = plan.program
+    first = len(program.inputs) - len(leaves)
+    for i in chosen:
+        pure = {program.inputs[first + i]}  # values computed from this leaf alone (and constants)
+        constant: set = set()
+        for node in program.nodes:
+            values = [a for a in node.inputs if isinstance(a, Value)]
+            if all(a in constant for a in values):
+                constant.update(node.outputs)
+            elif all(a in pure or a in constant for a in values):
+                pure.update(node.outputs)
+            elif node.name in ("dot_general", "conv_general_dilated") and any(
+                a in pure and jnp.issubdtype(a.dtype, jnp.inexact) for a in values
+            ):
+                raise TypeError(
+                    f"jaxlrp: integer input {i} (shape {tuple(np.shape(leaves[i]))}) reaches a "
+                    f"{node.name} as floats computed from it alone (a one-hot lookup?). jaxlrp reads the "
+                    f"relevance of ids at embedding lookups (a gather from a table: table[ids], nn.Embed, "
+                    f"keras.layers.Embedding); look the ids up that way, or pass the one-hot floats as the "
+                    f"input to explain."
+                )
+    return chosen
 
 
 def token_relevance(reads: list[TokenRead], at_taps: list, leaves: list) -> dict[int, jax.Array]:

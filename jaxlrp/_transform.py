@@ -27,14 +27,18 @@ def lrp(
     remat=None,
     **model_kwargs,
 ) -> Callable[..., jax.Array]:
-    """Turns a Flax model or a plain JAX function into a function that returns a relevance map
-    shaped like its input.
+    """Turns a Flax model, a Keras 3 model or a plain JAX function into a function that returns
+    a relevance map shaped like its input.
 
     * Linen module: `explain(variables, x, *, target=None)`.
     * NNX module: `explain(x, *, target=None)`, reading the module's current state at each call.
     * NNX GraphDef (from `graphdef, state = nnx.split(model)`): `explain(state, x, *,
       target=None)`, the pure form: under `jax.jit` the weights are arguments, not constants,
       so one compiled function serves every weight set, and `state` can be sharded.
+    * Keras 3 model (JAX backend): `explain(x, *, target=None)`, reading the model's current
+      variables at each call (under `jax.jit`, baked in as constants); `model.stateless_call`
+      is the pure form, `explain(trainable_values, non_trainable_values, x)` (the values:
+      `[v.value for v in model.trainable_variables]`). Paths are Keras layer paths.
     * A plain function `fn(params, x)`: `explain(params, x, *, target=None)`; `argnums=` names
       another explained argument, as in `lrp_fn` (`lrp(fn, c, argnums=2)(params, None, x)`).
 
@@ -81,7 +85,10 @@ def lrp(
     without recompiling, build the composite inside the jitted function from traced values
     (`jax.jit(lambda eps, v, x: lrp(model, EpsilonPlus(epsilon=eps))(v, x))`). For a model
     whose input is integer token ids, relevance is read at the embedding output and summed over
-    the feature axis, one value per token. NNX models are explained in eval mode, on a copy.
+    the feature axis, one value per token. In a pytree input (a dict of ids and a padding mask),
+    an integer or bool leaf that no embedding lookup reads is structure (a mask, positions,
+    indices): its relevance is zero; one that reaches a matmul or convolution as floats (a
+    one-hot lookup) is an error, as relevance is read at lookups only. NNX models are explained in eval mode, on a copy.
 
     Example::
 
@@ -326,7 +333,7 @@ def _output_and_relevance(
     (`{path: mask}`) condition the relevance at module outputs."""
     leaves, treedef = jax.tree.flatten(x)
     for leaf in leaves:
-        _checks.check_input(leaf)
+        _checks.check_input(leaf, booleans=len(leaves) > 1)
     # Inside jax.shard_map, the explained input varies along every manual axis that the
     # parameters, the rules' hyperparameters or the target vary along (a sweep, an ensemble,
     # a target per device): so does the relevance, which then needs no sum over devices.
@@ -375,7 +382,7 @@ def _output_and_relevance(
         per_leaf[i] = r
     for i, r in _tokens.token_relevance(reads, at_taps, leaves).items():
         per_leaf[i] = r  # token ids: the relevance at their embeddings, summed over features
-    for i in _tokens.structure(reads, leaves, floats):  # a mask, positions, indices: no relevance
+    for i in _tokens.structure(plan, reads, leaves, floats):  # a mask, positions, indices: no relevance
         per_leaf[i] = jnp.zeros((*lead, *jnp.shape(leaves[i])), out.dtype)
     relevance = treedef.unflatten(per_leaf)
     if not record:

@@ -12,8 +12,6 @@ the process sees LXT's forward methods.
 import contextlib
 import dataclasses
 import functools
-import importlib.util
-import sys
 import types
 from typing import Any, Callable
 
@@ -22,38 +20,12 @@ import numpy as np
 import peers
 
 
-def _torchvision_stand_in(torch):
-    """`lxt.efficient` imports `torchvision.models.vision_transformer` at import time, only to name
-    the torchvision ViT's `nn.GELU`, `nn.LayerNorm` and `nn.MultiheadAttention` in its patch map
-    (they are torch's own classes there). Where torchvision is absent, the smallest honest
-    stand-in: a `vision_transformer` module whose `nn` is `torch.nn`, beside the `resnet` stand-in
-    that `peers.zennit` registers (either may come first)."""
-    if "torchvision" not in sys.modules:
-        if importlib.util.find_spec("torchvision") is not None:
-            return  # the real one
-        stand_in, models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
-        stand_in.models = models
-        sys.modules.update({"torchvision": stand_in, "torchvision.models": models})
-    models = sys.modules["torchvision"].models
-    if getattr(sys.modules["torchvision"], "__spec__", None) is not None:
-        return  # the real one, already imported
-    if not hasattr(models, "resnet"):
-        resnet = types.ModuleType("torchvision.models.resnet")
-        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
-        models.resnet = sys.modules["torchvision.models.resnet"] = resnet
-    if not hasattr(models, "vision_transformer"):
-        vision_transformer = types.ModuleType("torchvision.models.vision_transformer")
-        vision_transformer.nn = torch.nn
-        models.vision_transformer = sys.modules["torchvision.models.vision_transformer"] = vision_transformer
-
-
 def lxt_efficient():
     """`lxt.efficient` (skipped, or failed under JAXLRP_REQUIRE_PEERS=1, where torch, transformers
     or lxt is missing)."""
     torch = peers.require("torch")
     peers.require("transformers")
-    _torchvision_stand_in(torch)
+    peers.torchvision_stand_in(torch)
     return peers.require("lxt.efficient")
 
 

@@ -9,6 +9,7 @@ Where torch or zennit is missing the parity tests are skipped, except when the e
 sets JAXLRP_REQUIRE_PEERS=1 (CI does): then the skip becomes a failure.
 """
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -34,17 +35,34 @@ def require(name: str):
         pytest.skip(message)
 
 
+def torchvision_stand_in(torch) -> None:
+    """Where torchvision is absent, the smallest honest stand-in for the names the peers read
+    at import time: zennit's `models.resnet.BasicBlock`/`Bottleneck` (empty `torch.nn.Module`
+    subclasses) and LXT's `models.vision_transformer.nn` (torch's own `nn`). The modules carry
+    a `__spec__`, so `importlib.util.find_spec("torchvision")` (transformers asks at import)
+    answers rather than raising, and no distribution, so transformers counts torchvision absent."""
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is not None:
+        return  # the real one
+    if "torchvision" in sys.modules and not getattr(sys.modules["torchvision"], "jaxlrp_stand_in", False):
+        return  # the real one, already imported
+    def module(name):
+        if name not in sys.modules:
+            made = types.ModuleType(name)
+            made.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            made.jaxlrp_stand_in = True
+            sys.modules[name] = made
+        return sys.modules[name]
+
+    models = module("torchvision").models = module("torchvision.models")
+    resnet = models.resnet = module("torchvision.models.resnet")
+    resnet.BasicBlock = getattr(resnet, "BasicBlock", None) or type("BasicBlock", (torch.nn.Module,), {})
+    resnet.Bottleneck = getattr(resnet, "Bottleneck", None) or type("Bottleneck", (torch.nn.Module,), {})
+    models.vision_transformer = module("torchvision.models.vision_transformer")
+    models.vision_transformer.nn = torch.nn
+
+
 def zennit():
-    torch = require("torch")
-    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
-        resnet = types.ModuleType("torchvision.models.resnet")
-        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
-        models = types.ModuleType("torchvision.models")
-        models.resnet = resnet
-        stand_in = types.ModuleType("torchvision")
-        stand_in.models = models
-        sys.modules.update({"torchvision": stand_in, "torchvision.models": models, "torchvision.models.resnet": resnet})
+    torchvision_stand_in(require("torch"))
     return require("zennit")
 
 

@@ -216,3 +216,30 @@ def test_an_unbuilt_model_is_an_error_naming_build():
     model = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="not built.*build"):
         jaxlrp.lrp(model, composites.EpsilonPlus())
+
+
+def test_a_subclassed_model_and_the_values_the_pure_form_takes():
+    keras = _keras()
+
+    class Net(keras.Model):  # a call without training=
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.head = keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.hidden(x))
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 5)), jnp.float32)
+    model(x)
+    relevance = jaxlrp.lrp(model, composites.LRP0())(x)
+    gradient = jax.grad(lambda x: model(x).max(1).sum())(x) * x
+    np.testing.assert_allclose(relevance, gradient, rtol=1e-4, atol=1e-6)  # LRP-0 on a ReLU net
+    layers = jaxlrp.rule_table(model, composites.LRP0(), x).layers
+    assert [info.module for info in layers] == [keras.layers.Dense] * 2
+    assert [info.path for info in layers] == [model.hidden.name, model.head.name]
+    pure = jaxlrp.lrp(model.stateless_call, composites.LRP0())
+    with pytest.raises(TypeError, match=r"values, not the variables.*v\.value"):
+        pure(model.trainable_variables, model.non_trainable_variables, x)
+    with pytest.raises(ValueError, match="4 trainable and 0 non-trainable variables; got 3 and 0"):
+        pure([v.value for v in model.trainable_variables][:3], [], x)

@@ -141,8 +141,26 @@ def test_integer_leaves_that_no_lookup_reads_are_structure():
 
     relevance = jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "mask": mask}, target=1)
     assert relevance["mask"].shape == mask.shape and not np.any(np.asarray(relevance["mask"]))
+    as_bool = jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "mask": mask > 0}, target=1)
+    np.testing.assert_allclose(as_bool["ids"], relevance["ids"], rtol=1e-12)
     constant = jaxlrp.lrp_fn(lambda p, t: model(p, {"ids": t, "mask": mask}), COMPOSITE)(params, ids, target=1)
     np.testing.assert_allclose(relevance["ids"], constant, rtol=1e-12)
     assert np.all(np.asarray(relevance["ids"])[mask == 0] == 0) and np.any(np.asarray(relevance["ids"]))
     both = jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "mask": mask}, target=jnp.array([[0, 1], [2, 1]]))
     assert both["ids"].shape == (2, 2, 4) and both["mask"].shape == (2, 2, 4)
+
+
+def test_an_integer_leaf_looked_up_by_a_one_hot_matmul_is_an_error():
+    """Its relevance would be read nowhere (and its share given to the other leaves): an error
+    that says how to look ids up, never a silent zero."""
+    table = jnp.asarray(RNG.normal(size=(9, 3)))
+    params = {**_params(12), "table": table, "segments": jnp.asarray(RNG.normal(size=(2, 3)))}
+    ids = jnp.asarray(RNG.integers(0, 9, (2, 4)))
+    segments = jnp.asarray(RNG.integers(0, 2, (2, 4)))
+
+    def model(p, x):
+        embedded = p["table"][x["ids"]] + jax.nn.one_hot(x["segments"], 2) @ p["segments"]
+        return _head(p, embedded)
+
+    with pytest.raises(TypeError, match="integer input 1 .* one-hot lookup.*table\\[ids\\]"):
+        jaxlrp.lrp_fn(model, COMPOSITE)(params, {"ids": ids, "segments": segments})
