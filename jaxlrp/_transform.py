@@ -364,18 +364,12 @@ def _output_and_relevance(
         return out, [stores[v][0] for v in recorded.values()]
 
     out, pullback, activations = jax.vjp(forward, primal, layer_taps, has_aux=True)
-    lead = ()  # the leading axis of many seeds
-    if isinstance(target, _generation.TokenTargets):  # explain_generation: a seed per generated token
-        seeds = target.seeds(out)
+    seeds = _many_seeds(out, target)
+    if seeds is not None:  # one backward pass per seed, vmapped: relevance gets their leading axis
         lead = seeds.shape[:1]
         (at_floats, at_taps), at_layers = jax.vmap(pullback)(seeds)
-    elif _many_targets(out, target):  # one backward pass per class, vmapped over the seeds
-        if _checks.is_concrete(target):
-            _checks.check_classes(target, out.shape[-1])
-        weights = _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype)
-        lead = weights.shape[:1]
-        (at_floats, at_taps), at_layers = jax.vmap(pullback)(weights * out)
     else:
+        lead = ()
         (at_floats, at_taps), at_layers = pullback(_seed(out, target, _checks.batch_of(leaves)))
     per_leaf = [None] * len(leaves)
     for i, r in zip(floats, at_floats):
@@ -401,6 +395,18 @@ def _hook_values(plan: Plan, describe, record, conditions: dict) -> tuple[dict, 
         for path, value in _hooks.resolve((pattern,), outputs, "conditions=").items():
             masks[value] = _hooks.broadcast_mask(mask, tuple(value.shape), path).astype(value.dtype)
     return recorded, masks
+
+
+def _many_seeds(out: jax.Array, target) -> jax.Array | None:
+    """`(K, *out.shape)` seeds for a target that names K outputs per sample (K classes, or
+    explain_generation's K generated tokens), else None."""
+    if isinstance(target, _generation.TokenTargets):
+        return target.seeds(out)
+    if not _many_targets(out, target):
+        return None
+    if _checks.is_concrete(target):
+        _checks.check_classes(target, out.shape[-1])
+    return _checks.one_hot(jnp.moveaxis(jnp.asarray(target), -1, 0), out.shape[-1], out.dtype) * out
 
 
 def _many_targets(out: jax.Array, target) -> bool:
